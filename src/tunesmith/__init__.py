@@ -1,0 +1,26 @@
+"""tunesmith: fine-tune pretrained transformers for downstream NLP tasks, evaluate them, serve them.
+
+Python API first::
+
+    import tunesmith
+    result = tunesmith.train("configs/sst2-minilm.yaml")
+    tunesmith.predict(result.run_dir, ["a gorgeous, witty film"])
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_API = {"train", "evaluate", "predict", "load", "RunResult", "LoadedRun"}
+
+
+def __getattr__(name: str):
+    # Importing torch/transformers takes seconds; `tunesmith --help` and config tools should not pay it.
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")
+
+
+__all__ = sorted(_API) + ["__version__"]

@@ -1,0 +1,294 @@
+"""The Python API: `train`, `evaluate`, `predict`, `load`. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+import yaml
+
+from .assets import resolve_model_path
+from .config import ModelConfig, RunConfig, coerce_config, parse_config
+from .data.batching import eval_loader, train_loader
+from .data.loaders import read_file
+from .data.splits import data_file_paths, make_splits
+from .errors import ConfigError
+from .methods import apply_method, count_parameters, is_peft
+from .precision import choose_precision
+from .run import check_run_dir, create_run_dir, model_card, provenance, save_config, write_json
+from .tasks import Task, get_task
+from .training import greater_is_better, run_evaluation, train_loop
+
+log = logging.getLogger("tunesmith")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+    best_metric: float | None
+    best_step: int | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+def load_tokenizer(cfg: ModelConfig):
+    source = resolve_model_path(cfg.tokenizer_name_or_path or cfg.name_or_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"model.name_or_path: cannot load a tokenizer from '{source}' ({str(err).splitlines()[0][:200]}); "
+            "expected a hub name (online), a local model folder, or bundled:all-MiniLM-L6-v2"
+        ) from None
+    if tokenizer.pad_token is None:
+        # Decoder-only models (GPT-2, Llama) ship without a pad token; padding is masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.sep_token
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, task: Task, state: dict, tokenizer) -> torch.nn.Module:
+    source = resolve_model_path(cfg.name_or_path)
+    auto_class = getattr(transformers, task.auto_model_class)
+    try:
+        model = auto_class.from_pretrained(
+            source,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            gguf_file=cfg.gguf_file,
+            dtype=torch.float32,
+            ignore_mismatched_sizes=True,
+            **task.model_kwargs(state),
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"model.name_or_path: cannot load '{source}' as {task.auto_model_class} ({str(err).splitlines()[0][:200]}); "
+            "check the name or folder (it needs config.json and safetensors weights)"
+        ) from None
+    _drop_quantizer(model)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _drop_quantizer(model: torch.nn.Module) -> None:
+    # A GGUF file loads dequantized to fp32; the leftover quantizer would block training and saving.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+
+def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision=precision, gradient_accumulation_steps=gradient_accumulation_steps, cpu=not torch.cuda.is_available()
+    )
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(config: RunConfig | dict | str | os.PathLike, overrides: list[str] | None = None, *, show_progress: bool = True) -> RunResult:
+    """Fine-tune a model as configured; returns the run directory and its metrics."""
+    cfg = coerce_config(config, overrides)
+    if not cfg.data.train_file and not cfg.data.dataset_name:
+        raise ConfigError("data: no training data; set data.train_file (CSV, TSV, JSON, JSONL, Parquet) or data.dataset_name")
+    run_dir = check_run_dir(cfg)
+    task = get_task(cfg.task.name)
+    transformers.set_seed(cfg.train.seed)
+
+    # Preflight: everything that can be wrong with the data is found before a model loads.
+    tables, notes = make_splits(cfg.data, cfg.train.seed, task.stratify_key(cfg.task))
+    state, warnings = task.preflight(cfg.task, tables)
+    tokenizer = load_tokenizer(cfg.model)
+    warnings += task.tokenizer_warnings(cfg.task, tables, tokenizer)
+    for line in notes:
+        log.info(line)
+    for line in warnings:
+        log.warning(line)
+
+    run_dir = create_run_dir(run_dir, cfg.output.overwrite)
+    save_config(run_dir, cfg)
+    encoded = {split: task.encode(cfg.task, table, tokenizer, state) for split, table in tables.items()}
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = choose_precision(cfg.train.precision, device)
+    log.info("precision: %s (%s)", precision.precision, precision.reason)
+    accelerator = make_accelerator(precision.accelerate_mixed_precision, cfg.train.gradient_accumulation_steps)
+
+    transformers.set_seed(cfg.train.seed)
+    model = load_model(cfg.model, task, state, tokenizer)
+    model = apply_method(model, cfg.method, task.peft_task_type)
+    params = str(count_parameters(model))
+    log.info(params)
+
+    metric, bigger = _best_metric(cfg, task, state)
+    loss_fn = task.loss_fn(cfg.task, state, encoded["train"])
+    loaders = {
+        "train": train_loader(
+            encoded["train"], tokenizer, cfg.train.per_device_train_batch_size, cfg.train.group_by_length, cfg.train.seed,
+            cfg.train.dataloader_num_workers,
+        ),
+        **{s: eval_loader(encoded[s], tokenizer, cfg.train.per_device_eval_batch_size) for s in ("validation", "test") if s in encoded},
+    }
+    loop = train_loop(
+        model=model,
+        task=task,
+        state=state,
+        train_cfg=cfg.train,
+        train_loader=loaders["train"],
+        eval_loader=loaders["validation"] if cfg.train.eval_strategy != "no" else None,
+        loss_fn=loss_fn,
+        accelerator=accelerator,
+        run_dir=run_dir,
+        metric=metric,
+        bigger_better=bigger,
+        show_progress=show_progress,
+    )
+
+    # Final numbers come from the best checkpoint (restored by the loop).
+    val_metrics, val_acc = run_evaluation(model, accelerator.prepare(loaders["validation"]), task, state, loss_fn, accelerator)
+    tuned = task.after_training(cfg.task, state, val_acc)
+    if tuned != state:
+        state = tuned
+        val_metrics = task.compute_metrics(val_acc, state)
+    metrics: dict[str, Any] = {"validation": val_metrics}
+    if "test" in loaders:
+        metrics["test"], _ = run_evaluation(model, accelerator.prepare(loaders["test"]), task, state, loss_fn, accelerator)
+    metrics["train"] = {
+        "global_step": loop.global_step,
+        "epochs": loop.epochs_completed,
+        "samples_per_second": loop.samples_per_second,
+        "train_seconds": loop.train_seconds,
+        "padding_share": loop.padding_share,
+        "stopped_early": loop.stopped_early,
+        "best_step": loop.best_step,
+        "metric_for_best_model": metric,
+        "best_metric": loop.best_metric,
+        "precision": precision.precision,
+    }
+
+    base_name = cfg.model.name_or_path
+    _save_model(accelerator.unwrap_model(model), tokenizer, run_dir, cfg, state, task)
+    write_json(run_dir / "task.json", {"task": task.name, **state})
+    write_json(run_dir / "metrics.json", metrics)
+    write_json(
+        run_dir / "provenance.json",
+        provenance(cfg, data_file_paths(cfg.data), {"choice": precision.precision, "reason": precision.reason},
+                   {"warnings": warnings, "notes": notes, "parameters": params}),
+    )
+    card = model_card(cfg, state, metrics, base_name, params)
+    (run_dir / "README.md").write_text(card, encoding="utf-8")
+    (run_dir / "model" / "README.md").write_text(card, encoding="utf-8")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return RunResult(run_dir, metrics, loop.best_metric, loop.best_step, warnings)
+
+
+def _best_metric(cfg: RunConfig, task: Task, state: dict) -> tuple[str, bool]:
+    default, default_bigger = task.default_metric(state)
+    metric = (cfg.train.metric_for_best_model or default).removeprefix("eval_")
+    bigger = cfg.train.greater_is_better if cfg.train.greater_is_better is not None else (
+        default_bigger if metric == default else greater_is_better(metric, None)
+    )
+    return metric, bigger
+
+
+def _save_model(model, tokenizer, run_dir: Path, cfg: RunConfig, state: dict, task: Task) -> None:
+    model_dir = run_dir / "model"
+    if is_peft(model):
+        model.save_pretrained(run_dir / "adapter")
+        tokenizer.save_pretrained(run_dir / "adapter")
+        if not cfg.method.merge_on_save:
+            return _write_tokenizer_only(tokenizer, model_dir)
+        model = model.merge_and_unload()
+    if state.get("threshold") is not None:
+        model.config.multi_label_threshold = state["threshold"]
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+
+def _write_tokenizer_only(tokenizer, model_dir: Path) -> None:
+    tokenizer.save_pretrained(model_dir)
+
+
+# --------------------------------------------------------------------------- load / predict / evaluate
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready for inference: model, tokenizer, task and its state."""
+
+    run_dir: Path
+    config: RunConfig
+    task: Task
+    state: dict
+    model: torch.nn.Module
+    tokenizer: Any
+
+    def predict(self, inputs: list, batch_size: int = 64) -> list[dict]:
+        max_length = getattr(self.config.task, "max_length", 512)
+        return self.task.predict(self.model, self.tokenizer, list(inputs), self.state, batch_size=batch_size, max_length=max_length)
+
+
+def load(run_dir: str | os.PathLike) -> LoadedRun:
+    """Load a run directory written by `train` (merged model, or base model + adapter)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists() or not (run_dir / "task.json").exists():
+        raise ConfigError(f"'{run_dir}' is not a finished tunesmith run (no config.yaml/task.json); pass the output.dir of a run")
+    cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), str(run_dir / "config.yaml"))
+    state = json.loads((run_dir / "task.json").read_text(encoding="utf-8"))
+    task = get_task(state.pop("task"))
+    auto_class = getattr(transformers, task.auto_model_class)
+    model_dir = run_dir / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if (model_dir / "config.json").exists():
+        model = auto_class.from_pretrained(model_dir, dtype=torch.float32)
+    elif (run_dir / "adapter").exists():
+        import peft
+
+        base = load_model(cfg.model, task, state, tokenizer)
+        model = peft.PeftModel.from_pretrained(base, run_dir / "adapter")
+    else:
+        raise ConfigError(f"'{run_dir}': neither model/config.json nor adapter/ found; the run did not finish saving")
+    model.eval()
+    return LoadedRun(run_dir, cfg, task, state, model, tokenizer)
+
+
+def predict(run_dir: str | os.PathLike | LoadedRun, inputs: list, batch_size: int = 64) -> list[dict]:
+    """Predictions for raw inputs (strings, or (text, pair) tuples for sentence-pair models)."""
+    loaded = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir)
+    return loaded.predict(inputs, batch_size=batch_size)
+
+
+def evaluate(run_dir: str | os.PathLike | LoadedRun, data: str | os.PathLike, batch_size: int = 64) -> dict:
+    """Metrics of a trained run on a labelled data file (same columns as training)."""
+    loaded = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir)
+    table = read_file(data, loaded.config.data.encoding, field="data")
+    loaded.task.preflight_eval(loaded.config.task, loaded.state, table)
+    dataset = loaded.task.encode(loaded.config.task, table, loaded.tokenizer, loaded.state)
+    # Class weights shape the training loss only; evaluation reports the plain loss.
+    loss_fn = loaded.task.loss_fn(loaded.config.task, loaded.state, None)
+    loader = eval_loader(dataset, loaded.tokenizer, batch_size)
+    metrics, _ = run_evaluation(loaded.model, loader, loaded.task, loaded.state, loss_fn, make_accelerator("no"))
+    return metrics

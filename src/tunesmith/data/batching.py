@@ -1,0 +1,58 @@
+"""Batches with little padding: length-grouped sampling plus dynamic per-batch padding.
+
+Random batches of short sentences are about half padding; sorting by length within shuffled
+mega-batches (transformers' `LengthGroupedSampler`) keeps batches random across the epoch while
+each batch pads only to its own longest member.
+"""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from transformers import DataCollatorWithPadding
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def _model_columns(dataset: datasets.Dataset) -> list[str]:
+    return [c for c in dataset.column_names if c in MODEL_INPUTS]
+
+
+def train_loader(dataset: datasets.Dataset, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    if group_by_length:
+        sampler = LengthGroupedSampler(batch_size, lengths=list(dataset["length"]), generator=generator)
+    else:
+        sampler = RandomSampler(dataset, generator=generator)
+    return DataLoader(
+        dataset.with_format(columns=_model_columns(dataset)),
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+        num_workers=num_workers,
+    )
+
+
+def eval_loader(dataset: datasets.Dataset, tokenizer, batch_size: int) -> DataLoader:
+    """Evaluation reads in length order (less padding); metrics do not depend on order."""
+    if "length" in dataset.column_names:
+        lengths = dataset["length"]
+        ordered = dataset.select(sorted(range(len(dataset)), key=lengths.__getitem__))
+    else:
+        ordered = dataset
+    return DataLoader(
+        ordered.with_format(columns=_model_columns(ordered)),
+        batch_size=batch_size,
+        sampler=SequentialSampler(ordered),
+        collate_fn=DataCollatorWithPadding(tokenizer),
+    )
+
+
+def padding_share(batch: dict) -> tuple[int, int]:
+    """(real tokens, padded slots) of a batch."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return 0, 0
+    return int(mask.sum()), int(mask.numel())

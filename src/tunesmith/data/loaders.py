@@ -1,0 +1,158 @@
+"""Read tabular data files into pandas frames that remember where each row came from.
+
+Every loader returns a `Table`: the rows plus a function naming a row the way the user sees it
+in their editor (`train.csv line 7`, `train.jsonl line 3`, `train.parquet row 12`), so preflight
+errors can point at the exact place to fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import DataError
+
+TABLE_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet", ".pq", ".txt"}
+
+
+@dataclass
+class Table:
+    frame: pd.DataFrame
+    source: str
+    row_label: Callable[[int], str]
+
+    def where(self, index: int) -> str:
+        return f"{self.source} {self.row_label(index)}"
+
+
+def _decode(path: Path, encoding: str) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}: line {line}: expected {encoding} text, found byte 0x{data[err.start]:02x} that is not valid {encoding}; "
+            f"re-save the file as UTF-8, or set data.encoding (e.g. data.encoding=latin-1)"
+        ) from None
+    except LookupError:
+        raise DataError(f"data.encoding: unknown encoding '{encoding}'; use a Python codec name such as utf-8 or latin-1") from None
+    if "\x00" in text:
+        raise DataError(f"{path}: contains NUL bytes; expected a text file (is it binary, or UTF-16?). Re-save it as UTF-8 text")
+    return text.removeprefix("\ufeff")
+
+
+def _read_delimited(path: Path, text: str, sep: str) -> Table:
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=object, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; expected a header line and at least one row") from None
+    except (pd.errors.ParserError, csv.Error) as err:
+        raise DataError(
+            f"{path}: cannot parse as {'TSV' if sep == chr(9) else 'CSV'}: {err}; check quoting and the number of fields per line"
+        ) from None
+    # Numbers stay numbers where a whole column is numeric: labels 0/1 and regression targets.
+    for column in frame.columns:
+        converted = pd.to_numeric(frame[column], errors="coerce")
+        if converted.notna().sum() == frame[column].notna().sum() and frame[column].notna().any():
+            frame[column] = converted
+    # Header is line 1; a row's line is index + 2 (exact unless a quoted field spans lines).
+    return Table(frame, str(path), lambda i: f"line {i + 2}")
+
+
+def _read_jsonl(path: Path, text: str) -> Table:
+    records, lines = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {number}: expected one JSON object per line, found invalid JSON ({err.msg}); fix or remove the line") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number}: expected a JSON object ({{...}}), found {type(record).__name__}")
+        records.append(record)
+        lines.append(number)
+    if not records:
+        raise DataError(f"{path}: no records; expected one JSON object per line")
+    return Table(pd.DataFrame.from_records(records), str(path), lambda i: f"line {lines[i]}")
+
+
+def _read_json(path: Path, text: str) -> Table:
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as err:
+        # A .json file holding JSON Lines is common enough to accept.
+        if err.msg == "Extra data":
+            return _read_jsonl(path, text)
+        raise DataError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+    if isinstance(payload, dict) and isinstance(payload.get("data"), list):
+        payload = payload["data"]
+    if isinstance(payload, dict) and all(isinstance(v, list) for v in payload.values()):
+        frame = pd.DataFrame(payload)
+    elif isinstance(payload, list) and all(isinstance(r, dict) for r in payload):
+        frame = pd.DataFrame.from_records(payload)
+    else:
+        raise DataError(f"{path}: expected a list of records, {{\"data\": [records]}} or a mapping of columns to lists")
+    return Table(frame, str(path), lambda i: f"record {i + 1}")
+
+
+def _read_parquet(path: Path) -> Table:
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises many types for corrupt files
+        raise DataError(f"{path}: cannot read as Parquet ({type(err).__name__}: {err}); is the file complete?") from None
+    return Table(frame, str(path), lambda i: f"row {i + 1}")
+
+
+def read_file(path: str | Path, encoding: str = "utf-8", field: str = "data.train_file") -> Table:
+    """Read one data file (CSV, TSV, JSON, JSONL, Parquet) into a `Table`."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{field}: file '{path}' not found (working directory {Path.cwd()}); check the path or set {field}")
+    if path.is_dir():
+        raise DataError(f"{field}: '{path}' is a folder but not a dataset saved with `save_to_disk`; point at a file")
+    suffix = path.suffix.lower()
+    if suffix in {".parquet", ".pq"}:
+        return _read_parquet(path)
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{field}: '{path}' has suffix '{suffix}'; expected one of .csv .tsv .json .jsonl .parquet")
+    text = _decode(path, encoding)
+    if suffix in {".jsonl", ".ndjson"}:
+        return _read_jsonl(path, text)
+    if suffix == ".json":
+        return _read_json(path, text)
+    return _read_delimited(path, text, "\t" if suffix in {".tsv", ".txt"} else ",")
+
+
+def read_disk_dataset(path: str | Path) -> dict[str, Table]:
+    """A folder written by `datasets.Dataset(Dict).save_to_disk`."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    return {name: Table(ds.to_pandas(), f"{path}[{name}]", lambda i: f"row {i + 1}") for name, ds in splits.items()}
+
+
+def is_disk_dataset(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def read_hub_dataset(name: str, config_name: str | None) -> dict[str, Table]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, config_name)
+    except Exception as err:  # offline, unknown name, gated
+        raise DataError(
+            f"data.dataset_name: cannot load hub dataset '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "check the name, go online, or point data.train_file at a local file"
+        ) from None
+    return {split: Table(ds.to_pandas(), f"{name}[{split}]", lambda i: f"row {i + 1}") for split, ds in loaded.items()}

@@ -1,0 +1,198 @@
+"""Fine-tuning strategies, generic over tasks and architectures.
+
+- `full`: every parameter trains.
+- `last_n`: embeddings and all but the last N transformer layers of each layer stack are frozen.
+- `frozen`: only the task head trains.
+- `lora` / `dora` / `ia3`: `peft` adapters, with the task head in `modules_to_save` so the adapter
+  folder alone restores the model.
+
+The task head is found structurally: the children of the `...For<Task>` model other than its base
+model (`model.base_model_prefix`). Layer stacks are the `nn.ModuleList`s of identical blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import MethodConfig
+
+log = logging.getLogger("tunesmith")
+
+PEFT_METHODS = {"lora", "dora", "ia3"}
+
+
+@dataclass
+class ParamCount:
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable / max(self.total, 1)
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({share:.2f}%)"
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return ParamCount(trainable, total)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    prefix = getattr(model, "base_model_prefix", "")
+    return getattr(model, prefix, model) if prefix else model
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Top-level children that belong to the task head (have parameters, are not the base model)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    names = [
+        name
+        for name, child in model.named_children()
+        if name != prefix and any(True for _ in child.parameters())
+    ]
+    if not names:
+        raise ValueError(f"{type(model).__name__}: could not find a task head next to base model '{prefix}'")
+    return names
+
+
+def layer_stacks(module: nn.Module) -> list[nn.ModuleList]:
+    """ModuleLists of >= 2 blocks of one type: encoder.layer, h, layers, block (encoder and decoder)."""
+    stacks = []
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList) and len(child) >= 2 and len({type(b) for b in child}) == 1:
+            if any(True for _ in child[0].parameters()) and not any(child in s.modules() for s in stacks):
+                stacks.append(child)
+    return stacks
+
+
+def _freeze_all_but_head(model: nn.Module) -> None:
+    heads = set(head_module_names(model))
+    for name, child in model.named_children():
+        child.requires_grad_(name in heads)
+
+
+def _apply_last_n(model: nn.Module, n: int) -> None:
+    body = base_model(model)
+    stacks = layer_stacks(body)
+    if not stacks:
+        raise ValueError(f"{type(model).__name__}: no transformer layer stack found for method last_n")
+    body.requires_grad_(False)
+    in_stacks = {id(p) for stack in stacks for p in stack.parameters()}
+    embeddings = {id(p) for p in body.get_input_embeddings().parameters()} if hasattr(body, "get_input_embeddings") else set()
+    for stack in stacks:
+        for block in list(stack)[len(stack) - n :] if n > 0 else []:
+            block.requires_grad_(True)
+    # Parameters after the last layer (final norms, poolers) train too; embeddings never do.
+    for name, p in body.named_parameters():
+        if id(p) not in in_stacks and id(p) not in embeddings and "embed" not in name and "emb" not in name.split(".")[-1]:
+            p.requires_grad_(True)
+    for name in head_module_names(model):
+        getattr(model, name).requires_grad_(True)
+
+
+def _peft_config(cfg: MethodConfig, model: nn.Module, task_type: str):
+    import peft
+
+    heads = head_module_names(model)
+    target = cfg.target_modules
+    if target == "auto":
+        target = _auto_target_modules(model, cfg.name)
+    common = {"task_type": task_type, "modules_to_save": heads}
+    if cfg.name == "ia3":
+        feedforward = _ia3_feedforward(model, target)
+        return peft.IA3Config(target_modules=target, feedforward_modules=feedforward, **common)
+    return peft.LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=target,
+        use_dora=cfg.name == "dora",
+        **common,
+    )
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    heads = tuple(head_module_names(model))
+    names = set()
+    for name, module in model.named_modules():
+        if name.startswith(heads):
+            continue
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def _auto_target_modules(model: nn.Module, method: str) -> list[str]:
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    )
+
+    mapping = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING if method == "ia3" else TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    model_type = getattr(model.config, "model_type", "")
+    present = set(_linear_names(model))
+    if model_type in mapping and set(mapping[model_type]) <= present | {n.split(".")[-1] for n in present}:
+        return list(mapping[model_type])
+    # Architectures peft has no default for: every linear layer of the body.
+    return _linear_names(model)
+
+
+def _ia3_feedforward(model: nn.Module, target: list[str] | str) -> list[str]:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING and target == _auto_target_modules(model, "ia3"):
+        return list(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type])
+    # Feed-forward layers are named like the MLP's output projection in most families.
+    ff_words = ("output.dense", "fc2", "down_proj", "wo", "lin2", "c_proj", "ff", "mlp")
+    targets = [target] if isinstance(target, str) else target
+    return [t for t in targets if any(w in t for w in ff_words)]
+
+
+def apply_method(model: nn.Module, cfg: MethodConfig, task_type: str) -> nn.Module:
+    """Freeze or wrap `model` for the configured strategy; logs trainable vs total parameters."""
+    if cfg.name == "full":
+        model.requires_grad_(True)
+    elif cfg.name == "frozen":
+        _freeze_all_but_head(model)
+    elif cfg.name == "last_n":
+        _apply_last_n(model, cfg.last_n_layers)
+    elif cfg.name in PEFT_METHODS:
+        import peft
+
+        model = peft.get_peft_model(model, _peft_config(cfg, model, task_type))
+    counts = count_parameters(model)
+    log.info("method %s: %s", cfg.name, counts)
+    if counts.trainable == 0:
+        raise ValueError(f"method {cfg.name}: no trainable parameters; check method settings")
+    return model
+
+
+def is_peft(model: nn.Module) -> bool:
+    try:
+        import peft
+
+        return isinstance(model, peft.PeftModel)
+    except ImportError:
+        return False
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes; restoring them restores the model exactly."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

@@ -1,0 +1,190 @@
+"""The run directory: resolved config, provenance, logs, metrics, model card.
+
+Layout of `output.dir`:
+
+    config.yaml       the fully resolved config (reload with `tunesmith train config.yaml`)
+    task.json         task state needed for inference (labels, problem type, tuned threshold)
+    provenance.json   schema version, package versions, data hashes, git commit, CPU flags, seed, precision
+    log.jsonl         one JSON object per logged step and evaluation
+    metrics.json      validation (best model) and test metrics, training throughput
+    README.md         model card
+    model/            plain transformers model + tokenizer (merged, for adapter methods)
+    adapter/          peft adapter with the task head (lora, dora, ia3)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .config import SCHEMA_VERSION, RunConfig, dump_config
+from .errors import ConfigError
+
+PACKAGES = ("tunesmith", "torch", "transformers", "datasets", "accelerate", "peft", "tokenizers", "scikit-learn", "numpy", "pydantic")
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.task.name}-{cfg.method.name}-{stamp}"
+
+
+def check_run_dir(cfg: RunConfig) -> Path:
+    """Fail fast, before data or models load, if the run directory would be overwritten."""
+    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output.dir: '{run_dir}' exists and is a file; choose another output.dir")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.output.overwrite:
+        raise ConfigError(
+            f"output.dir: '{run_dir}' already holds a run; choose a new output.dir or set output.overwrite=true to replace it"
+        )
+    return run_dir
+
+
+def create_run_dir(run_dir: Path, overwrite: bool) -> Path:
+    if run_dir.is_dir() and overwrite:
+        import shutil
+
+        for child in run_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def save_config(run_dir: Path, cfg: RunConfig) -> None:
+    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _git_commit(directory: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def provenance(cfg: RunConfig, data_files: list[Path], precision: dict, extra: dict | None = None) -> dict:
+    from .precision import cpu_flags, cpu_model
+
+    import torch
+
+    return {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config_schema_version": SCHEMA_VERSION,
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "data_files": {str(p): {"sha256": _file_sha256(p), "bytes": p.stat().st_size} for p in data_files},
+        "git_commit": {"working_directory": _git_commit(Path.cwd()), "tunesmith": _git_commit(Path(__file__).parent)},
+        "cpu": {"model": cpu_model(), "flags": sorted(cpu_flags()), "threads": torch.get_num_threads()},
+        "seed": cfg.train.seed,
+        "precision": precision,
+        **(extra or {}),
+    }
+
+
+def _metric_rows(metrics: dict) -> str:
+    rows = [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
+    return "\n".join(["| metric | value |", "|---|---|", *rows])
+
+
+def model_card(cfg: RunConfig, task_state: dict, metrics: dict, base_model: str, params: str) -> str:
+    labels = task_state.get("labels") or []
+    test = metrics.get("test") or {}
+    valid = metrics.get("validation") or {}
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {base_model}",
+        "tags: [tunesmith, text-classification]" if cfg.task.name == "classification" else "tags: [tunesmith]",
+        "---",
+        "",
+        f"# {cfg.task.name} model fine-tuned with tunesmith",
+        "",
+        f"- Base model: `{base_model}`",
+        f"- Task: {cfg.task.name} ({task_state.get('problem_type', '')})",
+        f"- Method: {cfg.method.name} — {params}",
+        f"- Labels: {', '.join(labels) if labels else '(regression)'}",
+        f"- Data: {cfg.data.train_file or cfg.data.dataset_name}",
+        f"- Epochs: {cfg.train.num_train_epochs}, learning rate {cfg.train.learning_rate}, batch {cfg.train.per_device_train_batch_size}, seed {cfg.train.seed}",
+        "",
+        "## Validation metrics (best checkpoint)",
+        "",
+        _metric_rows(valid),
+        "",
+    ]
+    if test:
+        lines += ["## Test metrics", "", _metric_rows(test), ""]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        'clf = pipeline("text-classification", model="PATH/TO/RUN/model")',
+        'clf("an example sentence")',
+        "```",
+        "",
+        "Or with tunesmith: `tunesmith predict RUN_DIR --text 'an example sentence'`.",
+        "",
+        "The resolved config is in `config.yaml`; provenance (package versions, data hashes, CPU) in `provenance.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+class JsonlLog:
+    """Append-only log; each line is flushed so a crash loses at most the line being written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._handle.write(json.dumps(record, default=_json_default, ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
