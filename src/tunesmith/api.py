@@ -141,7 +141,6 @@ def train(config: RunConfig | dict | str | os.PathLike, overrides: list[str] | N
     model = load_model(cfg.model, task, state, tokenizer)
     model = apply_method(model, cfg.method, task.peft_task_type)
     params = str(count_parameters(model))
-    log.info(params)
 
     metric, bigger = _best_metric(cfg, task, state)
     loss_fn = task.loss_fn(cfg.task, state, encoded["train"])

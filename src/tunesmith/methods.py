@@ -121,14 +121,17 @@ def _peft_config(cfg: MethodConfig, model: nn.Module, task_type: str):
 
 
 def _linear_names(model: nn.Module) -> list[str]:
+    """Full names of the body's linear layers (GPT-2's Conv1D counts as linear)."""
     heads = tuple(head_module_names(model))
-    names = set()
-    for name, module in model.named_modules():
-        if name.startswith(heads):
-            continue
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-            names.add(name.split(".")[-1])
-    return sorted(names)
+    return [
+        name
+        for name, module in model.named_modules()
+        if not name.startswith(heads) and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
+    ]
+
+
+def _matches(target: str, names: list[str]) -> bool:
+    return any(name == target or name.endswith("." + target) for name in names)
 
 
 def _auto_target_modules(model: nn.Module, method: str) -> list[str]:
@@ -139,23 +142,26 @@ def _auto_target_modules(model: nn.Module, method: str) -> list[str]:
 
     mapping = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING if method == "ia3" else TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     model_type = getattr(model.config, "model_type", "")
-    present = set(_linear_names(model))
-    if model_type in mapping and set(mapping[model_type]) <= present | {n.split(".")[-1] for n in present}:
+    linear = _linear_names(model)
+    if model_type in mapping and all(_matches(t, linear) for t in mapping[model_type]):
         return list(mapping[model_type])
-    # Architectures peft has no default for: every linear layer of the body.
-    return _linear_names(model)
+    # Architectures peft has no default for: every linear layer of the body, by its last name.
+    return sorted({name.split(".")[-1] for name in linear})
+
+
+FEEDFORWARD_WORDS = ("fc2", "down_proj", "wo", "lin2", "c_proj", "dense_4h_to_h", "output.dense")
 
 
 def _ia3_feedforward(model: nn.Module, target: list[str] | str) -> list[str]:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
     model_type = getattr(model.config, "model_type", "")
-    if model_type in TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING and target == _auto_target_modules(model, "ia3"):
-        return list(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type])
-    # Feed-forward layers are named like the MLP's output projection in most families.
-    ff_words = ("output.dense", "fc2", "down_proj", "wo", "lin2", "c_proj", "ff", "mlp")
-    targets = [target] if isinstance(target, str) else target
-    return [t for t in targets if any(w in t for w in ff_words)]
+    known = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
+    targets = [target] if isinstance(target, str) else list(target)
+    if known and all(k in targets for k in known):
+        return list(known)
+    # IA3 scales the *input* of feed-forward output layers; elsewhere it scales outputs.
+    return [t for t in targets if t in FEEDFORWARD_WORDS]
 
 
 def apply_method(model: nn.Module, cfg: MethodConfig, task_type: str) -> nn.Module:

@@ -1,0 +1,30 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from tiny import build_pretrained_tiny_bert, build_tiny_bert, sentiment_rows, write_csv
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # Tokenization cache in a per-session folder: tests never read another run's cache.
+    os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path):
+    return write_csv(tmp_path / "train.csv", sentiment_rows(64))
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny_bert(tiny_bert, tmp_path_factory):
+    """Tiny BERT encoder with sentiment-bearing features and no task head."""
+    return build_pretrained_tiny_bert(tiny_bert, tmp_path_factory.mktemp("pretrained-bert"), tmp_path_factory.mktemp("pretrain-work"))
