@@ -46,6 +46,11 @@ def _is_missing(value) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
+def _is_missing_label(value) -> bool:
+    # CSVs are read with pandas' NA strings off (a text may be "NA"), but a label cell saying NaN is a hole.
+    return _is_missing(value) or (isinstance(value, str) and value.strip().lower() == "nan")
+
+
 def _is_listlike(value) -> bool:
     return isinstance(value, (list, tuple, np.ndarray))
 
@@ -130,7 +135,7 @@ class ClassificationTask(Task):
             for i, value in enumerate(frame[column]):
                 if _is_listlike(value):
                     continue
-                if _is_missing(value):
+                if _is_missing_label(value):
                     errors.append(f"{table.where(i)}: column '{column}' has no label (empty or NaN); expected a label; fill it in or remove the row")
                 elif problem == "regression":
                     number = pd.to_numeric(value, errors="coerce")
@@ -194,9 +199,11 @@ class ClassificationTask(Task):
 
     def _unseen_labels(self, cfg, table: Table, problem: str, labels: list[str]) -> list[str]:
         known, errors = set(labels), []
+        column = ", ".join(cfg.label_columns) if cfg.label_columns else cfg.label_column
         for i, row_labels in enumerate(self._row_labels(cfg, table, problem)):
             errors += [
-                f"{table.where(i)}: label '{label}' does not occur in train (train labels: {', '.join(labels)}); "
+                f"{table.where(i)}: column '{column}' has label '{label}', which does not occur in train "
+                f"(train labels: {', '.join(labels)}); "
                 "fix the label, add train examples of it, or remove the row"
                 for label in row_labels
                 if label not in known
@@ -268,10 +275,10 @@ class ClassificationTask(Task):
     def model_kwargs(self, state: dict) -> dict:
         problem = state["problem_type"]
         if problem == "regression":
-            return {"num_labels": 1, "problem_type": "regression", "id2label": {0: "score"}, "label2id": {"score": 0}}
+            return {"problem_type": "regression", "id2label": {0: "score"}, "label2id": {"score": 0}}
         labels = state["labels"]
+        # id2label alone sets num_labels; passing both trips a consistency warning in transformers 5.
         return {
-            "num_labels": len(labels),
             "id2label": dict(enumerate(labels)),
             "label2id": {label: i for i, label in enumerate(labels)},
             "problem_type": "multi_label_classification" if problem == "multi_label" else "single_label_classification",

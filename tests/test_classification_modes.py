@@ -1,0 +1,168 @@
+"""Multi-label, regression, sentence pairs, class weights and the plain-transformers round trip."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+import tunesmith
+from tiny import NEGATIVE, POSITIVE, sentiment_rows, tiny_config, write_csv
+
+# Topic words from the tiny tokenizer's vocabulary, so each is one token.
+TOPICS = {"sport": ["good", "great", "wonderful"], "music": ["bad", "awful", "boring"], "food": ["plot", "acting", "story"]}
+
+
+def multi_label_rows(n=96, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        chosen = [t for t in TOPICS if rng.random() < 0.45] or [rng.choice(list(TOPICS))]
+        words = [w for t in chosen for w in rng.sample(TOPICS[t], 2)] + rng.sample(["the", "a", "and", "was", "it"], 2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": "|".join(chosen)})
+    return rows
+
+
+def test_multi_label_threshold_tuned_and_saved(pretrained_tiny_bert, tmp_path):
+    train = write_csv(tmp_path / "ml.csv", multi_label_rows())
+    cfg = tiny_config(pretrained_tiny_bert, train, tmp_path / "run", data={"validation_file": str(train)},
+                      train={"learning_rate": 1e-2, "num_train_epochs": 15})
+    result = tunesmith.train(cfg, show_progress=False)
+    state = json.loads((result.run_dir / "task.json").read_text())
+    assert state["problem_type"] == "multi_label"
+    assert state["labels"] == ["food", "music", "sport"]
+    val = result.metrics["validation"]
+    assert val["threshold"] == state["threshold"]
+    assert 0.05 <= state["threshold"] <= 0.95
+    for key in ("f1_micro", "f1_macro", "subset_accuracy"):
+        assert key in val
+    assert val["f1_micro"] >= 0.9
+    rows = multi_label_rows()
+    preds = tunesmith.predict(result.run_dir, [r["text"] for r in rows])
+    exact = sum(set(p["labels"]) == set(r["label"].split("|")) for p, r in zip(preds, rows)) / len(rows)
+    assert exact >= 0.8
+    assert all(set(p["scores"]) == {"food", "music", "sport"} for p in preds)
+    plain = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model")
+    assert plain.config.problem_type == "multi_label_classification"
+    assert plain.config.multi_label_threshold == state["threshold"]
+
+
+def test_multi_label_from_indicator_columns(pretrained_tiny_bert, tmp_path):
+    rows = [{"text": r["text"], **{t: int(t in r["label"].split("|")) for t in TOPICS}} for r in multi_label_rows(48)]
+    train = write_csv(tmp_path / "ind.csv", rows)
+    cfg = tiny_config(pretrained_tiny_bert, train, tmp_path / "run", task={"label_columns": ["sport", "music", "food"]},
+                      train={"num_train_epochs": 2})
+    result = tunesmith.train(cfg, show_progress=False)
+    state = json.loads((result.run_dir / "task.json").read_text())
+    assert state["problem_type"] == "multi_label"
+    assert state["labels"] == ["sport", "music", "food"]  # column order, as configured
+
+
+def test_regression(pretrained_tiny_bert, tmp_path):
+    rng = random.Random(0)
+    rows = []
+    for _ in range(80):
+        pos = rng.randint(0, 3)
+        words = rng.sample(POSITIVE, pos) + rng.sample(NEGATIVE, 3 - pos) + ["the", "film"]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "score": pos + 0.5 * rng.random()})
+    train = write_csv(tmp_path / "reg.csv", rows)
+    cfg = tiny_config(pretrained_tiny_bert, train, tmp_path / "run", data={"validation_file": str(train)},
+                      task={"label_column": "score"}, train={"learning_rate": 5e-3, "num_train_epochs": 15})
+    result = tunesmith.train(cfg, show_progress=False)
+    val = result.metrics["validation"]
+    assert result.metrics["train"]["metric_for_best_model"] == "mse"
+    for key in ("mse", "rmse", "mae", "pearson", "spearman"):
+        assert val[key] is not None
+    assert val["spearman"] > 0.8
+    preds = tunesmith.predict(result.run_dir, [r["text"] for r in rows[:20]])
+    assert all(set(p) == {"value"} for p in preds)
+    corr = np.corrcoef([p["value"] for p in preds], [r["score"] for r in rows[:20]])[0, 1]
+    assert corr > 0.8
+
+
+def test_sentence_pairs(pretrained_tiny_bert, tmp_path):
+    rng = random.Random(0)
+    rows = []
+    words = ["good", "great", "bad", "dull"]
+    for i in range(80):
+        a = rng.choice(words)
+        same = i % 2 == 0
+        b = a if same else rng.choice([w for w in words if w != a])
+        rows.append({"premise": f"the film was {a}", "hypothesis": f"it is {b}", "label": "same" if same else "different"})
+    train = write_csv(tmp_path / "pairs.csv", rows)
+    cfg = tiny_config(pretrained_tiny_bert, train, tmp_path / "run", data={"validation_file": str(train)},
+                      task={"text_column": "premise", "text_pair_column": "hypothesis"},
+                      train={"learning_rate": 5e-3, "num_train_epochs": 25})
+    result = tunesmith.train(cfg, show_progress=False)
+    assert result.metrics["validation"]["accuracy"] >= 0.9
+    preds = tunesmith.predict(result.run_dir, [("the film was dull", "it is dull"), ("the film was dull", "it is superb")])
+    assert [p["label"] for p in preds] == ["same", "different"]
+
+
+def test_class_weights_balanced_changes_loss(pretrained_tiny_bert, tmp_path):
+    from tunesmith.config import ClassificationTaskConfig
+    from tunesmith.tasks.classification import ClassificationTask
+    import datasets
+
+    task = ClassificationTask()
+    state = {"problem_type": "single_label", "labels": ["neg", "pos"]}
+    train = datasets.Dataset.from_dict({"labels": [0] * 9 + [1]})
+    weighted = task.loss_fn(ClassificationTaskConfig(class_weights="balanced"), state, train)
+    plain = task.loss_fn(ClassificationTaskConfig(), state, train)
+    logits = torch.tensor([[2.0, -2.0], [2.0, -2.0]])
+    labels = torch.tensor([1, 0])
+    # Balanced weights are n / (k * count): 10/(2*9) for neg, 10/(2*1) for pos.
+    expected = torch.nn.functional.cross_entropy(logits, labels, weight=torch.tensor([10 / 18, 5.0]))
+    assert torch.isclose(weighted(logits, labels), expected)
+    assert not torch.isclose(weighted(logits, labels), plain(logits, labels))
+
+
+def test_pipeline_matches_tunesmith(pretrained_tiny_bert, sentiment_csv, tmp_path):
+    cfg = tiny_config(pretrained_tiny_bert, sentiment_csv, tmp_path / "run", train={"num_train_epochs": 3})
+    result = tunesmith.train(cfg, show_progress=False)
+    texts = [r["text"] for r in sentiment_rows(10, seed=3)]
+    ours = tunesmith.predict(result.run_dir, texts)
+    clf = pipeline("text-classification", model=str(result.run_dir / "model"), tokenizer=str(result.run_dir / "model"))
+    theirs = clf(texts)
+    assert [t["label"] for t in theirs] == [o["label"] for o in ours]
+    assert np.allclose([t["score"] for t in theirs], [o["score"] for o in ours], atol=1e-4)
+    # The run directory records provenance and a model card.
+    prov = json.loads((result.run_dir / "provenance.json").read_text())
+    assert prov["config_schema_version"] >= 1 and prov["seed"] == 0
+    assert str(sentiment_csv) in prov["data_files"] and len(prov["data_files"][str(sentiment_csv)]["sha256"]) == 64
+    assert "torch" in prov["packages"] and prov["cpu"]["flags"]
+    assert (result.run_dir / "README.md").read_text().startswith("---")
+    assert (result.run_dir / "config.yaml").exists()
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    assert any(r["type"] == "train" for r in log) and any(r["type"] == "eval" for r in log)
+
+
+def test_training_is_reproducible(tiny_bert, sentiment_csv, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = tiny_config(tiny_bert, sentiment_csv, tmp_path / name, train={"num_train_epochs": 2})
+        runs.append(tunesmith.train(cfg, show_progress=False))
+    a = AutoModelForSequenceClassification.from_pretrained(runs[0].run_dir / "model").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(runs[1].run_dir / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_and_best_checkpoint(tiny_bert, sentiment_csv, tmp_path):
+    # A huge learning rate makes validation loss blow up after the first evaluation: training stops
+    # early and the saved model is the best (first) checkpoint, not the last.
+    cfg = tiny_config(tiny_bert, sentiment_csv, tmp_path / "run",
+                      train={"learning_rate": 0.5, "num_train_epochs": 20, "eval_strategy": "steps", "eval_steps": 2,
+                             "early_stopping_patience": 2, "metric_for_best_model": "loss", "warmup_ratio": 0.0})
+    result = tunesmith.train(cfg, show_progress=False)
+    train = result.metrics["train"]
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if r["type"] == "eval"]
+    assert train["stopped_early"]
+    assert train["global_step"] < 20 * 6
+    best = min(evals, key=lambda r: r["loss"])
+    assert train["best_step"] == best["step"]
+    assert result.metrics["validation"]["loss"] == pytest.approx(best["loss"], rel=1e-4)
