@@ -166,3 +166,12 @@ def test_early_stopping_and_best_checkpoint(tiny_bert, sentiment_csv, tmp_path):
     best = min(evals, key=lambda r: r["loss"])
     assert train["best_step"] == best["step"]
     assert result.metrics["validation"]["loss"] == pytest.approx(best["loss"], rel=1e-4)
+
+
+def test_gradient_accumulation_halves_optimizer_steps(tiny_bert, sentiment_csv, tmp_path):
+    steps = {}
+    for accumulation in (1, 2):
+        cfg = tiny_config(tiny_bert, sentiment_csv, tmp_path / f"acc{accumulation}",
+                          train={"num_train_epochs": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": accumulation})
+        steps[accumulation] = tunesmith.train(cfg, show_progress=False).metrics["train"]["global_step"]
+    assert steps[1] == 2 * 12 and steps[2] == 2 * 6  # 48 train rows / batch 4 = 12 batches per epoch

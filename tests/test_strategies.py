@@ -27,7 +27,7 @@ def test_overfit_save_reload_predict(method, pretrained_tiny_bert, sentiment_csv
     # Overfitting means fitting the training rows: validate on the same file.
     cfg = tiny_config(
         pretrained_tiny_bert, sentiment_csv, tmp_path / "run", method=METHODS[method],
-        data={"validation_file": str(sentiment_csv)}, train={"learning_rate": lr, "num_train_epochs": 25 if method == "frozen" else 10},
+        data={"validation_file": str(sentiment_csv)}, train={"learning_rate": lr, "num_train_epochs": 25 if method in ("frozen", "last_n") else 10},
     )
     result = tunesmith.train(cfg, show_progress=False)
 
@@ -74,3 +74,17 @@ def test_trainable_parameter_counts(tiny_bert):
     assert head < count_parameters(last1).trainable < total
     lora = apply_method(fresh(), MethodConfig(name="lora"), "SEQ_CLS")
     assert 0 < count_parameters(lora).trainable < total / 2
+
+
+def test_tied_weights_are_optimised_once():
+    from transformers import BartConfig, BartForSequenceClassification
+
+    from tunesmith.training import optimizer_groups
+
+    model = BartForSequenceClassification(BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                      encoder_attention_heads=2, decoder_attention_heads=2,
+                                                      encoder_ffn_dim=16, decoder_ffn_dim=16))
+    params = [p for group in optimizer_groups(model, 0.01) for p in group["params"]]
+    assert len(params) == len({id(p) for p in params}) == len({id(p) for p in model.parameters()})
+    decay = {id(p) for p in optimizer_groups(model, 0.01)[0]["params"]}
+    assert all(id(m.bias) not in decay for m in model.modules() if getattr(m, "bias", None) is not None)

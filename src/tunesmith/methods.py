@@ -88,8 +88,12 @@ def _apply_last_n(model: nn.Module, n: int) -> None:
     body.requires_grad_(False)
     in_stacks = {id(p) for stack in stacks for p in stack.parameters()}
     embeddings = {id(p) for p in body.get_input_embeddings().parameters()} if hasattr(body, "get_input_embeddings") else set()
+    # Every nn.Embedding outside the layer stacks is an embedding too, whatever its name: GPT-2's
+    # position table is `wpe`, which the name test below misses (it would otherwise train).
+    embeddings |= {id(p) for m in body.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for stack in stacks:
-        for block in list(stack)[len(stack) - n :] if n > 0 else []:
+        # max(): with n beyond a stack's depth, a negative start would slice off all but the last blocks.
+        for block in list(stack)[max(len(stack) - n, 0) :] if n > 0 else []:
             block.requires_grad_(True)
     # Parameters after the last layer (final norms, poolers) train too; embeddings never do.
     for name, p in body.named_parameters():

@@ -64,12 +64,15 @@ def greater_is_better(metric: str, configured: bool | None) -> bool:
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices only: never on biases or normalisation layers."""
-    decay, no_decay = [], []
+    decay, no_decay, seen = [], [], set()
     for module in model.modules():
         is_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
+            # Tied weights (BART/T5 shared embeddings) appear under several modules: add them once,
+            # or AdamW would update them several times per step.
+            if not param.requires_grad or id(param) in seen:
                 continue
+            seen.add(id(param))
             (no_decay if is_norm or name.endswith("bias") or param.ndim < 2 else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
