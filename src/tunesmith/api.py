@@ -128,8 +128,6 @@ def train(config: RunConfig | dict | str | os.PathLike, overrides: list[str] | N
     for line in warnings:
         log.warning(line)
 
-    run_dir = create_run_dir(run_dir, cfg.output.overwrite)
-    save_config(run_dir, cfg)
     encoded = {split: task.encode(cfg.task, table, tokenizer, state) for split, table in tables.items()}
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,6 +139,9 @@ def train(config: RunConfig | dict | str | os.PathLike, overrides: list[str] | N
     model = load_model(cfg.model, task, state, tokenizer)
     model = apply_method(model, cfg.method, task.peft_task_type)
     params = str(count_parameters(model))
+    # Only now, with data checked and the model loaded, does the run directory appear.
+    run_dir = create_run_dir(run_dir, cfg.output.overwrite)
+    save_config(run_dir, cfg)
 
     metric, bigger = _best_metric(cfg, task, state)
     loss_fn = task.loss_fn(cfg.task, state, encoded["train"])
@@ -283,7 +284,7 @@ def predict(run_dir: str | os.PathLike | LoadedRun, inputs: list, batch_size: in
 def evaluate(run_dir: str | os.PathLike | LoadedRun, data: str | os.PathLike, batch_size: int = 64) -> dict:
     """Metrics of a trained run on a labelled data file (same columns as training)."""
     loaded = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir)
-    table = read_file(data, loaded.config.data.encoding, field="data")
+    table = read_file(data, loaded.config.data.encoding, field="DATA")
     loaded.task.preflight_eval(loaded.config.task, loaded.state, table)
     dataset = loaded.task.encode(loaded.config.task, table, loaded.tokenizer, loaded.state)
     # Class weights shape the training loss only; evaluation reports the plain loss.

@@ -46,8 +46,11 @@ def _rich_handler():
 
 
 def _fail(err: TunesmithError) -> None:
+    from rich.text import Text
+
+    # Messages hold paths and JSON like `data[train]` or `[records]`: printed literally, never as rich markup.
     for line in err.problems:
-        console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        console.print(Text.assemble(("error:", "bold red"), " ", line), highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USER_ERROR)
 
 
@@ -83,7 +86,7 @@ def train(
     _print_metrics("validation (best checkpoint)", result.metrics["validation"])
     if "test" in result.metrics:
         _print_metrics("test", result.metrics["test"])
-    out.print(f"run directory: {result.run_dir}")
+    out.print(f"run directory: {result.run_dir}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
@@ -127,7 +130,7 @@ def predict(
     lines = [json.dumps({**record, **prediction}, ensure_ascii=False) for record, prediction in zip(records, predictions)]
     if output:
         output.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        console.print(f"wrote {len(lines)} predictions to {output}")
+        console.print(f"wrote {len(lines)} predictions to {output}", markup=False, highlight=False, soft_wrap=True)
     else:
         for line in lines:
             print(line)
@@ -196,7 +199,9 @@ def config_validate(config: Path, overrides: Overrides = None) -> None:
         load_config(config, overrides or [])
     except TunesmithError as err:
         _fail(err)
-    console.print(f"[green]ok:[/] {config} is valid")
+    from rich.text import Text
+
+    console.print(Text.assemble(("ok:", "green"), f" {config} is valid"), highlight=False, soft_wrap=True)
 
 
 @config_app.command("init")
@@ -212,7 +217,7 @@ def config_init(
     cfg = RunConfig.model_validate({"data": {"train_file": "train.csv"}})
     header = "# tunesmith run config. Reference: docs/config.md. Validate: tunesmith config validate THIS_FILE\n"
     path.write_text(header + dump_config(cfg), encoding="utf-8")
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @config_app.command("reference")

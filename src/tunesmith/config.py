@@ -9,8 +9,9 @@ One schema for every run. Sections: `model`, `data`, `task`, `method`, `train`, 
 from __future__ import annotations
 
 import difflib
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -133,6 +134,8 @@ class TrainConfig(Section):
 
 
 class OutputConfig(Section):
+    """Where the run directory is written."""
+
     dir: str | None = Field(None, description="Run directory; default `runs/<task>-<timestamp>`.")
     overwrite: bool = Field(False, description="Replace an existing, non-empty run directory.")
 
@@ -189,21 +192,65 @@ def _section_type(annotation: Any) -> Any:
     return None
 
 
+def _section_members(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _section_members(arg)]
+
+
+def _clean_location(loc: tuple) -> tuple[list[str], str]:
+    """Field names of an error location without pydantic's union-branch tags (`classification`,
+    `literal['none','balanced']`, `list[float]`), list positions as `[i]`. Returns (keys, dotted path)."""
+    keys: list[str] = []
+    dotted = ""
+    members: list[type[BaseModel]] = [RunConfig]  # sections the next location part may be a key of
+    for part in loc:
+        if isinstance(part, int):
+            dotted += f"[{part}]"
+            continue
+        if not members:
+            continue  # below a plain field: the parts name union branches, not keys
+        by_tag = [m for m in members if "name" in m.model_fields and m.model_fields["name"].default == part]
+        if by_tag and not any(part in m.model_fields for m in members):
+            members = by_tag  # the discriminator tag of a task/method union
+            continue
+        field = next((m.model_fields[part] for m in members if part in m.model_fields), None)
+        keys.append(part)
+        dotted += ("." if dotted else "") + part
+        members = _section_members(field.annotation) if field is not None else []
+    return keys, dotted or "(root)"
+
+
 def _format_validation_error(err: ValidationError, source: str) -> list[str]:
-    problems = []
+    problems: list[str] = []
+    merged: dict[str, int] = {}  # dotted path -> index in problems, to join the branches of a union
     for e in err.errors():
-        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"classification"})]
-        dotted = ".".join(loc) or "(root)"
+        keys, dotted = _clean_location(e["loc"])
         if e["type"] == "extra_forbidden":
-            parent, key = loc[:-1], loc[-1]
+            parent, key = keys[:-1], keys[-1]
             candidates = _known_keys(RunConfig, parent)
             close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
             hint = f"did you mean '{'.'.join(parent + [close[0]])}'?" if close else f"valid keys: {', '.join(candidates)}"
             problems.append(f"{source}: unknown key '{dotted}'; {hint}")
-        else:
-            found = e.get("input")
-            found_text = "" if isinstance(found, (dict, list)) else f" (found {found!r})"
-            problems.append(f"{source}: {dotted}: {e['msg']}{found_text}")
+            continue
+        if e["type"] == "union_tag_invalid":
+            ctx = e.get("ctx", {})
+            problems.append(
+                f"{source}: {dotted}.{ctx.get('discriminator', 'name').strip(chr(39))}: expected {ctx.get('expected_tags')}, "
+                f"found '{ctx.get('tag')}'"
+            )
+            continue
+        message = e["msg"].removeprefix("Value error, ")
+        found = e.get("input")
+        found_text = "" if isinstance(found, (dict, list)) else f" (found {found!r})"
+        if dotted in merged:
+            # Another branch of a union type: "should be 'none' or 'balanced'" + "should be a valid list".
+            i = merged[dotted]
+            head, _, tail = problems[i].rpartition(found_text) if found_text else (problems[i], "", "")
+            problems[i] = f"{head} or {message.removeprefix('Input should be ')}{found_text}{tail}"
+            continue
+        merged[dotted] = len(problems)
+        problems.append(f"{source}: {dotted}: {message}{found_text}")
     return problems
 
 
@@ -230,8 +277,26 @@ def _looks_like_float(text: str) -> bool:
         return False
 
 
+def _is_text_field(parts: list[str]) -> bool:
+    """Whether the key at this dotted path holds a string (`str` or `str | None`)."""
+    members: list[type[BaseModel]] = [RunConfig]
+    annotation: Any = None
+    for part in parts:
+        field = next((m.model_fields[part] for m in members if part in m.model_fields), None)
+        if field is None:
+            return False
+        annotation = field.annotation
+        members = _section_members(annotation)
+    return annotation is str or (
+        get_origin(annotation) in (Union, types.UnionType) and set(get_args(annotation)) == {str, type(None)}
+    )
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `train.learning_rate=1e-4` style overrides to a raw config dict."""
+    """Apply `train.learning_rate=1e-4` style overrides to a raw config dict.
+
+    Values are YAML scalars, except for string keys, which take the text as written: `model.revision=0123`
+    is the revision "0123", not the octal number 83."""
     raw = yaml.safe_load(yaml.safe_dump(raw)) or {}
     for item in overrides:
         if "=" not in item:
@@ -249,7 +314,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
             node[part] = child
             node = child
-        node[parts[-1]] = _parse_value(text)
+        if _is_text_field(parts) and text not in {"null", "~"}:
+            node[parts[-1]] = text
+        else:
+            node[parts[-1]] = _parse_value(text)
     return raw
 
 
@@ -328,8 +396,32 @@ def config_reference() -> str:
     for title, model in sections:
         lines += [f"## `{title}`", "", (model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
-            annotation = str(field.annotation).replace("typing.", "").replace("|", "\\|")
-            default = field.default
-            lines.append(f"| `{name}` | `{annotation}` | `{default!r}` | {field.description or ''} |")
+            kind = _type_name(field.annotation) + _constraints(field.metadata)
+            cells = [f"`{name}`", f"`{kind}`", f"`{field.default!r}`", field.description or ""]
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    """`str | None`, `'auto' | 'fp32'`, `list[float]` rather than `<class 'str'>`, `typing.Union[...]`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _constraints(metadata: list) -> str:
+    bounds = []
+    for item in metadata:
+        for attribute, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            value = getattr(item, attribute, None)
+            if value is not None:
+                bounds.append(f"{symbol} {value}")
+    return f" ({', '.join(bounds)})" if bounds else ""

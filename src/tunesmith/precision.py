@@ -53,9 +53,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _time_matmuls(reps: int, size: tuple[int, int, int]) -> tuple[float, float]:
-    """Fastest of `reps` timings each of fp32 and bf16-autocast matmuls, interleaved so that load
-    from other processes hits both alike (min is robust to a busy machine)."""
+def _time_matmuls(reps: int, size: tuple[int, int, int], calls: int) -> tuple[float, float]:
+    """Fastest of `reps` timings each of `calls` fp32 and bf16-autocast matmuls, interleaved so that
+    load from other processes hits both alike. Each timing spans several calls because a thread
+    descheduled for one time slice (~ms) would otherwise dwarf a ~1 ms bf16 matmul."""
     m, k, n = size
     a, b = torch.randn(m, k), torch.randn(k, n)
     best = {False: float("inf"), True: float("inf")}
@@ -63,25 +64,26 @@ def _time_matmuls(reps: int, size: tuple[int, int, int]) -> tuple[float, float]:
         for bf16 in (False, True):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 start = time.perf_counter()
-                a @ b
+                for _ in range(calls):
+                    a @ b
                 elapsed = time.perf_counter() - start
-            if rep:  # rep 0 is the warm-up: the first call pays for kernel selection
+            if rep:  # rep 0 is the warm-up: the first call pays for kernel selection (and AMX set-up)
                 best[bf16] = min(best[bf16], elapsed)
     return best[False], best[True]
 
 
 @functools.cache
 def measured_bf16_speedup() -> float:
-    """fp32 time / bf16-autocast time of a matmul shaped like a training step's (1,024 tokens x 384 x 1,536).
+    """fp32 time / bf16-autocast time of matmuls shaped like a training step's (1,024 tokens x 384 x 1,536).
 
-    A small probe first: where bf16 is emulated it is ~100x slower and one big matmul would take
-    seconds, so the probe alone decides. Otherwise the big shape is timed (~50 ms in all), because
-    autocast's casting overhead makes small matmuls unrepresentative.
+    A small probe first: where bf16 is emulated it is ~100x slower and the full measurement would
+    take many seconds, so the probe alone decides. Otherwise the training-sized shape is timed
+    (~0.5 s where bf16 is native), because autocast's casting overhead makes small matmuls unrepresentative.
     """
-    probe_fp32, probe_bf16 = _time_matmuls(1, (128, 384, 384))
+    probe_fp32, probe_bf16 = _time_matmuls(1, (128, 384, 384), calls=1)
     if probe_bf16 > 10 * probe_fp32:
         return probe_fp32 / probe_bf16
-    fp32, bf16 = _time_matmuls(8, (1024, 384, 1536))
+    fp32, bf16 = _time_matmuls(4, (1024, 384, 1536), calls=8)
     return fp32 / bf16
 
 

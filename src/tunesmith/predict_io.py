@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .config import RunConfig
-from .data.loaders import read_file
+from .data.loaders import _decode, read_file
 from .errors import DataError
 
 
@@ -30,6 +30,7 @@ def read_inputs(cfg: RunConfig, input_file: Path | None, texts: list[str] | None
             raise DataError(
                 f"{input_file}: missing column '{text_column}' (the run's task.text_column); columns found: "
                 + ", ".join(map(str, table.frame.columns))
+                + f"; rename the text column to '{text_column}', or pass a .txt file with one text per line"
             )
         frame = table.frame.fillna("")
         if pair_column and pair_column in frame.columns:
@@ -40,15 +41,15 @@ def read_inputs(cfg: RunConfig, input_file: Path | None, texts: list[str] | None
         return inputs, [{text_column: t} for t in inputs]
     elif input_file is not None:
         if not input_file.exists():
-            raise DataError(f"--input: file '{input_file}' not found")
-        lines = input_file.read_text(encoding=cfg.data.encoding).splitlines()
+            raise DataError(f"--input: file '{input_file}' not found; check the path")
+        lines = _decode(input_file, cfg.data.encoding).splitlines()
     else:
         if sys.stdin.isatty():
             raise DataError("no input: pass --text 'some text', --input FILE, or pipe lines on stdin")
         lines = sys.stdin.read().splitlines()
     lines = [line for line in lines if line.strip()]
     if not lines:
-        raise DataError("no input texts: every line was empty")
+        raise DataError("no input texts: expected at least one non-empty line, found only empty lines; pass some text")
     inputs = [_split_pair(line, bool(pair_column)) for line in lines]
     records = [{text_column: x} if isinstance(x, str) else {text_column: x[0], pair_column: x[1]} for x in inputs]
     return inputs, records

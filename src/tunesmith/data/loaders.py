@@ -33,6 +33,16 @@ class Table:
 
 def _decode(path: Path, encoding: str) -> str:
     data = path.read_bytes()
+    # NUL bytes never occur in UTF-8/latin-1 text: the file is binary (a spreadsheet, an archive) or UTF-16.
+    # Checked before decoding, so a binary file is not misreported as text in the wrong encoding.
+    nul = data.find(b"\x00")
+    if nul >= 0 and not encoding.lower().replace("-", "").replace("_", "").startswith(("utf16", "utf32")):
+        line = data.count(b"\n", 0, nul) + 1
+        raise DataError(
+            f"{path}: line {line}: expected a {path.suffix.lstrip('.').upper() or 'text'} text file, found binary data "
+            "(NUL bytes); export it as UTF-8 CSV/JSONL (is it a spreadsheet, an archive, or UTF-16? "
+            "for UTF-16 text set data.encoding=utf-16)"
+        )
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as err:
@@ -44,8 +54,22 @@ def _decode(path: Path, encoding: str) -> str:
     except LookupError:
         raise DataError(f"data.encoding: unknown encoding '{encoding}'; use a Python codec name such as utf-8 or latin-1") from None
     if "\x00" in text:
-        raise DataError(f"{path}: contains NUL bytes; expected a text file (is it binary, or UTF-16?). Re-save it as UTF-8 text")
+        raise DataError(f"{path}: contains NUL characters; expected a text file (is it binary?). Re-save it as UTF-8 text")
     return text.removeprefix("\ufeff")
+
+
+def _record_lines(text: str, sep: str) -> list[int]:
+    """First line of each data row, as pandas reads them: blank lines skipped, quoted fields may span lines."""
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    starts, previous = [], 0
+    try:
+        for row in reader:
+            if len(row) > 1 or (row and row[0].strip()):
+                starts.append(previous + 1)
+            previous = reader.line_num
+    except csv.Error:
+        pass  # pandas parsed it; fall back to plain numbering for the rest
+    return starts[1:]  # the first record is the header
 
 
 def _read_delimited(path: Path, text: str, sep: str) -> Table:
@@ -54,16 +78,27 @@ def _read_delimited(path: Path, text: str, sep: str) -> Table:
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; expected a header line and at least one row") from None
     except (pd.errors.ParserError, csv.Error) as err:
+        detail = " ".join(str(err).split()).removeprefix("Error tokenizing data. C error: ")
+        kind = "TSV" if sep == "\t" else "CSV"
         raise DataError(
-            f"{path}: cannot parse as {'TSV' if sep == chr(9) else 'CSV'}: {err}; check quoting and the number of fields per line"
+            f"{path}: cannot parse as {kind} ({detail}); expected as many fields on every line as in the header; "
+            f"quote fields that contain {'tabs' if kind == 'TSV' else 'commas'} or line breaks"
         ) from None
     # Numbers stay numbers where a whole column is numeric: labels 0/1 and regression targets.
     for column in frame.columns:
         converted = pd.to_numeric(frame[column], errors="coerce")
         if converted.notna().sum() == frame[column].notna().sum() and frame[column].notna().any():
             frame[column] = converted
-    # Header is line 1; a row's line is index + 2 (exact unless a quoted field spans lines).
-    return Table(frame, str(path), lambda i: f"line {i + 2}")
+    # Header is line 1; a row's line is index + 2 unless blank lines or quoted multi-line fields shift it:
+    # the exact line is worked out only when an error needs it.
+    lines: list[int] = []
+
+    def row_label(i: int) -> str:
+        if not lines:
+            lines.extend(_record_lines(text, sep) or [-1])
+        return f"line {lines[i] if i < len(lines) and lines[i] > 0 else i + 2}"
+
+    return Table(frame, str(path), row_label)
 
 
 def _read_jsonl(path: Path, text: str) -> Table:
@@ -91,7 +126,10 @@ def _read_json(path: Path, text: str) -> Table:
         # A .json file holding JSON Lines is common enough to accept.
         if err.msg == "Extra data":
             return _read_jsonl(path, text)
-        raise DataError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+        raise DataError(
+            f"{path}: line {err.lineno} column {err.colno}: expected valid JSON, found invalid JSON ({err.msg}); "
+            "fix the syntax there, or save one JSON object per line as .jsonl"
+        ) from None
     if isinstance(payload, dict) and isinstance(payload.get("data"), list):
         payload = payload["data"]
     if isinstance(payload, dict) and all(isinstance(v, list) for v in payload.values()):
@@ -99,8 +137,20 @@ def _read_json(path: Path, text: str) -> Table:
     elif isinstance(payload, list) and all(isinstance(r, dict) for r in payload):
         frame = pd.DataFrame.from_records(payload)
     else:
-        raise DataError(f"{path}: expected a list of records, {{\"data\": [records]}} or a mapping of columns to lists")
+        raise DataError(
+            f"{path}: expected a list of records ([{{...}}, ...]), {{\"data\": [records]}} or a mapping of columns to lists, "
+            f"found {_json_shape(payload)}; reshape the file into one of these"
+        )
     return Table(frame, str(path), lambda i: f"record {i + 1}")
+
+
+def _json_shape(payload) -> str:
+    if isinstance(payload, list):
+        odd = next((r for r in payload if not isinstance(r, dict)), None)
+        return f"a list holding a {type(odd).__name__}" if odd is not None else "a list"
+    if isinstance(payload, dict):
+        return f"an object with keys {', '.join(map(str, list(payload)[:5]))}"
+    return f"a {type(payload).__name__}"
 
 
 def _read_parquet(path: Path) -> Table:
@@ -135,7 +185,13 @@ def read_disk_dataset(path: str | Path) -> dict[str, Table]:
     """A folder written by `datasets.Dataset(Dict).save_to_disk`."""
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # a half-written or hand-edited folder: JSON, Arrow and file errors
+        raise DataError(
+            f"{path}: cannot load as a dataset saved with `save_to_disk` ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}); expected the folder as `Dataset(Dict).save_to_disk` wrote it — save it again"
+        ) from None
     splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     return {name: Table(ds.to_pandas(), f"{path}[{name}]", lambda i: f"row {i + 1}") for name, ds in splits.items()}
 

@@ -61,7 +61,10 @@ def load_tables(cfg: DataConfig) -> dict[str, Table]:
 def _carve(table: Table, share: float, seed: int, stratify: np.ndarray | None, name: str) -> tuple[Table, Table]:
     indices = np.arange(len(table.frame))
     if len(indices) < 2:
-        raise DataError(f"{table.source}: only {len(indices)} row(s); need at least 2 to carve out a {name} split")
+        raise DataError(
+            f"{table.source}: only {len(indices)} row(s); need at least 2 to carve out a {name} split; "
+            f"add rows or give data.{name}_file"
+        )
     use_stratify = stratify
     if stratify is not None:
         _, counts = np.unique(stratify, return_counts=True)

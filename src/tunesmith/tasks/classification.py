@@ -145,7 +145,10 @@ class ClassificationTask(Task):
                             "fix the value or set task.problem_type=single_label"
                         )
                 elif cfg.label_columns and _label_key(value) not in {"0", "1", "True", "False", "true", "false"}:
-                    errors.append(f"{table.where(i)}: column '{column}' is {value!r}; expected 0 or 1 in a multi-label indicator column")
+                    errors.append(
+                        f"{table.where(i)}: column '{column}' is {value!r}; expected 0 or 1 in a multi-label indicator column; "
+                        "set it to 0 or 1, or remove the row"
+                    )
         return errors
 
     def preflight(self, cfg: ClassificationTaskConfig, tables: dict[str, Table]) -> tuple[dict, list[str]]:
@@ -161,6 +164,13 @@ class ClassificationTask(Task):
             state["labels"] = []
         else:
             state["labels"], label_errors, warnings = self._check_labels(cfg, tables, problem)
+            labels = state["labels"]
+            if isinstance(cfg.class_weights, list) and len(cfg.class_weights) != len(labels) and not label_errors:
+                # Checked here, not only when the loss is built: by then the run directory exists.
+                label_errors.append(
+                    f"task.class_weights: expected {len(labels)} weights (one per label: {', '.join(labels)}), "
+                    f"found {len(cfg.class_weights)}; list one weight per label in that order, or use task.class_weights=balanced"
+                )
             if label_errors:
                 raise DataError(_summarise(label_errors))
         if problem == "multi_label":
@@ -368,7 +378,8 @@ def _class_weights(cfg: ClassificationTaskConfig, state: dict, train: datasets.D
     if isinstance(cfg.class_weights, list):
         if len(cfg.class_weights) != len(labels):
             raise DataError(
-                f"task.class_weights: expected {len(labels)} weights (one per label: {', '.join(labels)}), found {len(cfg.class_weights)}"
+                f"task.class_weights: expected {len(labels)} weights (one per label: {', '.join(labels)}), "
+                f"found {len(cfg.class_weights)}; list one weight per label in that order, or use task.class_weights=balanced"
             )
         return torch.tensor(cfg.class_weights, dtype=torch.float32)
     targets = np.asarray(train["labels"])
@@ -400,6 +411,8 @@ def _duplicate_warnings(cfg: ClassificationTaskConfig, tables: dict[str, Table])
 
 
 def _summarise(problems: list[str]) -> list[str]:
+    # Splits carved from one file repeat its file-level problems (a missing column): report each once.
+    problems = list(dict.fromkeys(problems))
     if len(problems) <= MAX_LISTED:
         return problems
     return problems[:MAX_LISTED] + [f"... and {len(problems) - MAX_LISTED} more problems like these"]
