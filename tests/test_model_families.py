@@ -10,6 +10,7 @@ survive, and a text's prediction does not depend on how much padding its batch a
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -88,7 +89,10 @@ def _assert_learned(result, min_accuracy: float = MIN_ACCURACY):
     losses = [r["loss"] for r in records if r["type"] == "train"]
     assert len(losses) >= 20, records
     final = sum(losses[-5:]) / 5  # steps are single batches: average out their noise
-    assert final < 0.5 * losses[0], f"training loss did not fall: first step {losses[0]:.3f}, last five {final:.3f}"
+    # Half the larger of the first step's loss and chance level (ln 2 for two balanced classes): a
+    # pretrained body can start near-solved, and then chance level is the fair reference.
+    reference = max(losses[0], math.log(2))
+    assert final < 0.5 * reference, f"training loss did not fall: first step {losses[0]:.3f}, last five {final:.3f}"
     accuracy = result.metrics["validation"]["accuracy"]
     evals = [round(r["accuracy"], 3) for r in records if r["type"] == "eval"]
     assert accuracy >= min_accuracy, f"validation accuracy {accuracy} (per epoch: {evals})"
