@@ -46,9 +46,10 @@ def cached_map(
     digest = hashlib.sha256()
     digest.update(key_extra.encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
-    for column in raw.column_names:
+    # Hash the full content: `raw[column]` is a lazy Column in datasets 5 whose str() is only a preview.
+    for column, values in raw.to_dict().items():
         digest.update(column.encode())
-        digest.update(json.dumps(raw[column], ensure_ascii=False, default=str).encode())
+        digest.update(json.dumps(values, ensure_ascii=False, default=str).encode())
     path = cache_dir() / f"{digest.hexdigest()[:24]}.arrow"
     return raw.map(
         function,
