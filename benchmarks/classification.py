@@ -146,7 +146,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["full"], choices=["full", "last_n", "frozen", "lora", "dora", "ia3"])
+    parser.add_argument("--methods", nargs="*", default=["full"], choices=["full", "last_n", "frozen", "lora", "dora", "ia3"],
+                        help="tunesmith methods to run (none with --baseline: only the Trainer)")
     parser.add_argument("--baseline", action="store_true", help="Also run plain transformers.Trainer.")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--limit", type=int, default=None, help="Use only the first N shuffled rows (smoke test).")
