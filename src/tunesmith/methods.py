@@ -78,6 +78,18 @@ def _freeze_all_but_head(model: nn.Module) -> None:
     heads = set(head_module_names(model))
     for name, child in model.named_children():
         child.requires_grad_(name in heads)
+    # A frozen encoder is a fixed feature extractor: keep it in eval mode (no dropout) even while the
+    # head trains, so each example's features never change — which is what lets `features.cache_body`
+    # compute them once and still train exactly like the uncached path.
+    body = base_model(model)
+    if body is not model:
+        body.register_forward_pre_hook(_stay_in_eval_mode)
+
+
+def _stay_in_eval_mode(module: nn.Module, args: tuple) -> None:
+    if module.training:
+        module.train(False)
+    return None  # a pre-hook's non-None return would replace the forward's arguments
 
 
 def _apply_last_n(model: nn.Module, n: int) -> None:
