@@ -175,3 +175,14 @@ def test_gradient_accumulation_halves_optimizer_steps(tiny_bert, sentiment_csv, 
                           train={"num_train_epochs": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": accumulation})
         steps[accumulation] = tunesmith.train(cfg, show_progress=False).metrics["train"]["global_step"]
     assert steps[1] == 2 * 12 and steps[2] == 2 * 6  # 48 train rows / batch 4 = 12 batches per epoch
+
+
+def test_bf16_train_then_fp32_evaluate_in_one_process(pretrained_tiny_bert, sentiment_csv, tmp_path):
+    # accelerate's process-global state once made a bf16 run followed by an fp32 evaluation fail.
+    cfg = tiny_config(pretrained_tiny_bert, sentiment_csv, tmp_path / "bf16", train={"num_train_epochs": 1, "precision": "bf16"})
+    result = tunesmith.train(cfg, show_progress=False)
+    assert result.metrics["train"]["precision"] == "bf16"
+    metrics = tunesmith.evaluate(result.run_dir, sentiment_csv)
+    assert metrics["samples"] == 64
+    cfg32 = tiny_config(pretrained_tiny_bert, sentiment_csv, tmp_path / "fp32", train={"num_train_epochs": 1, "precision": "fp32"})
+    assert tunesmith.train(cfg32, show_progress=False).metrics["train"]["precision"] == "fp32"

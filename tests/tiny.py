@@ -111,3 +111,50 @@ def build_pretrained_tiny_bert(random_bert: Path, folder: Path, work: Path) -> P
     trained.bert.save_pretrained(folder)
     AutoTokenizer.from_pretrained(run.run_dir / "model").save_pretrained(folder)
     return folder
+
+
+# --------------------------------------------------------------------------- token classification
+
+# Entity words whose first sub-token (the one that carries the tag) is unique to their tag in the tiny
+# WordPiece vocabulary: head-only and adapter training on a small body can then fit every tag.
+PEOPLE = [["chen"], ["maria", "silva"], ["elena"]]
+PLACES = [["paris"], ["lagos"], ["oslo"], ["new", "york"], ["rio", "de", "janeiro"]]
+ORGS = [["acme"], ["umbrella", "corp"]]
+NER_TEMPLATES = [
+    ["PER", "lives", "in", "LOC"],
+    ["PER", "was", "hired", "by", "ORG", "in", "LOC"],
+    ["the", "film", "by", "PER", "is", "about", "LOC"],
+    ["ORG", "hired", "PER"],
+    ["a", "story", "about", "LOC", "and", "PER"],
+]
+
+
+def ner_rows(n: int = 40, seed: int = 0) -> list[dict]:
+    """Toy NER sentences (`tokens`, BIO `tags`) with one- to three-word PER, LOC and ORG entities."""
+    rng = random.Random(seed)
+    pools = {"PER": PEOPLE, "LOC": PLACES, "ORG": ORGS}
+    rows = []
+    for i in range(n):
+        tokens, tags = [], []
+        for slot in NER_TEMPLATES[i % len(NER_TEMPLATES)]:
+            if slot in pools:
+                words = rng.choice(pools[slot])
+                tokens += words
+                tags += [f"B-{slot}"] + [f"I-{slot}"] * (len(words) - 1)
+            else:
+                tokens.append(slot)
+                tags.append("O")
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_conll(path: Path, rows: list[dict], sep: str = "\t") -> Path:
+    path.write_text("".join("".join(f"{t}{sep}{g}\n" for t, g in zip(r["tokens"], r["tags"])) + "\n" for r in rows), encoding="utf-8")
+    return path

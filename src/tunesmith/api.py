@@ -17,7 +17,6 @@ import yaml
 from .assets import resolve_model_path
 from .config import ModelConfig, RunConfig, coerce_config, parse_config
 from .data.batching import eval_loader, train_loader
-from .data.loaders import read_file
 from .data.splits import data_file_paths, make_splits
 from .errors import ConfigError
 from .methods import apply_method, count_parameters, is_peft
@@ -45,11 +44,14 @@ class RunResult:
 # --------------------------------------------------------------------------- model loading
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelConfig, add_prefix_space: bool = False):
+    """`add_prefix_space`: byte-level BPE tokenizers (RoBERTa, GPT-2) read pre-split words as if each
+    followed a space, which word-level tasks need (transformers refuses split words without it)."""
     source = resolve_model_path(cfg.tokenizer_name_or_path or cfg.name_or_path)
+    extra = {"add_prefix_space": True} if add_prefix_space else {}
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file, **extra
         )
     except (OSError, ValueError) as err:
         raise ConfigError(
@@ -61,7 +63,28 @@ def load_tokenizer(cfg: ModelConfig):
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.sep_token
         if tokenizer.pad_token is None:
             tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    if add_prefix_space:
+        _byte_level_prefix_space(tokenizer)
     return tokenizer
+
+
+def _byte_level_prefix_space(tokenizer) -> None:
+    # A generic fast tokenizer takes the option without applying it to its backend: set it there, so it is
+    # also saved with the model (tokenizer.json) and plain transformers reads words the same way.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if pre is None:
+        return
+    from tokenizers import pre_tokenizers
+
+    parts = [pre] if isinstance(pre, pre_tokenizers.ByteLevel) else []
+    if isinstance(pre, pre_tokenizers.Sequence):
+        parts = [p for p in pre if isinstance(p, pre_tokenizers.ByteLevel)]
+    for part in parts:
+        part.add_prefix_space = True
+    if parts:
+        backend.pre_tokenizer = pre
+        tokenizer.add_prefix_space = True
 
 
 def load_model(cfg: ModelConfig, task: Task, state: dict, tokenizer) -> torch.nn.Module:
@@ -100,9 +123,21 @@ def _drop_quantizer(model: torch.nn.Module) -> None:
 
 def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps one global state per process and refuses a second Accelerator with another
+    # precision: a bf16 `train` followed by an fp32 `evaluate` in one notebook would fail. Each call
+    # here starts a new run, so the run-level state is reset (the process group, if any, is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+    from accelerate.utils import DataLoaderConfiguration
 
     return Accelerator(
-        mixed_precision=precision, gradient_accumulation_steps=gradient_accumulation_steps, cpu=not torch.cuda.is_available()
+        mixed_precision=precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        cpu=not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
 
 
@@ -119,39 +154,57 @@ def train(config: RunConfig | dict | str | os.PathLike, overrides: list[str] | N
     transformers.set_seed(cfg.train.seed)
 
     # Preflight: everything that can be wrong with the data is found before a model loads.
-    tables, notes = make_splits(cfg.data, cfg.train.seed, task.stratify_key(cfg.task))
+    tables, notes = make_splits(cfg.data, cfg.train.seed, task.stratify_key(cfg.task), task.reader(cfg.task))
     state, warnings = task.preflight(cfg.task, tables)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, **task.tokenizer_kwargs(cfg.task))
     warnings += task.tokenizer_warnings(cfg.task, tables, tokenizer)
     for line in notes:
         log.info(line)
     for line in warnings:
         log.warning(line)
 
-    encoded = {split: task.encode(cfg.task, table, tokenizer, state) for split, table in tables.items()}
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = choose_precision(cfg.train.precision, device)
     log.info("precision: %s (%s)", precision.precision, precision.reason)
     accelerator = make_accelerator(precision.accelerate_mixed_precision, cfg.train.gradient_accumulation_steps)
+    # Under DDP the main process tokenizes first and fills the cache; the others then read it.
+    with accelerator.main_process_first():
+        encoded = {split: task.encode(cfg.task, table, tokenizer, state) for split, table in tables.items()}
 
     transformers.set_seed(cfg.train.seed)
     model = load_model(cfg.model, task, state, tokenizer)
     model = apply_method(model, cfg.method, task.peft_task_type)
     params = str(count_parameters(model))
-    # Only now, with data checked and the model loaded, does the run directory appear.
-    run_dir = create_run_dir(run_dir, cfg.output.overwrite)
-    save_config(run_dir, cfg)
+    # Only now, with data checked and the model loaded, does the run directory appear (written by
+    # the main process once every process has passed the check above).
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        create_run_dir(run_dir, cfg.output.overwrite)
+        save_config(run_dir, cfg)
+    accelerator.wait_for_everyone()
 
     metric, bigger = _best_metric(cfg, task, state)
     loss_fn = task.loss_fn(cfg.task, state, encoded["train"])
+    collator = task.collator(tokenizer)
+    # Loaders yield global batches that accelerate splits across processes (`split_batches`), so a run
+    # on N processes sees exactly the batches of a one-process run with N times the batch size.
+    processes = accelerator.num_processes
     loaders = {
         "train": train_loader(
-            encoded["train"], tokenizer, cfg.train.per_device_train_batch_size, cfg.train.group_by_length, cfg.train.seed,
-            cfg.train.dataloader_num_workers,
+            encoded["train"], tokenizer, cfg.train.per_device_train_batch_size * processes, cfg.train.group_by_length,
+            cfg.train.seed, cfg.train.dataloader_num_workers, collator,
         ),
-        **{s: eval_loader(encoded[s], tokenizer, cfg.train.per_device_eval_batch_size) for s in ("validation", "test") if s in encoded},
+        **{
+            s: eval_loader(encoded[s], tokenizer, cfg.train.per_device_eval_batch_size * processes, collator)
+            for s in ("validation", "test")
+            if s in encoded
+        },
     }
+    if cfg.method.name == "frozen" and cfg.train.cache_frozen_features:
+        from .features import cache_body
+
+        everything = [eval_loader(encoded["train"], tokenizer, cfg.train.per_device_eval_batch_size, collator)]
+        cache_body(model, everything + [loaders[s] for s in ("validation", "test") if s in loaders], accelerator.autocast)
     loop = train_loop(
         model=model,
         task=task,
@@ -189,20 +242,29 @@ def train(config: RunConfig | dict | str | os.PathLike, overrides: list[str] | N
         "precision": precision.precision,
     }
 
-    base_name = cfg.model.name_or_path
-    _save_model(accelerator.unwrap_model(model), tokenizer, run_dir, cfg, state, task)
+    from .features import uncache_body
+
+    uncache_body(accelerator.unwrap_model(model))
+    if accelerator.is_main_process:  # one writer: under DDP the model and files are written once
+        _write_run(run_dir, accelerator.unwrap_model(model), tokenizer, cfg, task, state, metrics,
+                   {"choice": precision.precision, "reason": precision.reason}, warnings, notes, params)
+    accelerator.wait_for_everyone()
+    return RunResult(run_dir, metrics, loop.best_metric, loop.best_step, warnings)
+
+
+def _write_run(run_dir: Path, model, tokenizer, cfg: RunConfig, task: Task, state: dict, metrics: dict,
+               precision: dict, warnings: list[str], notes: list[str], params: str) -> None:
+    _save_model(model, tokenizer, run_dir, cfg, state, task)
     write_json(run_dir / "task.json", {"task": task.name, **state})
     write_json(run_dir / "metrics.json", metrics)
     write_json(
         run_dir / "provenance.json",
-        provenance(cfg, data_file_paths(cfg.data), {"choice": precision.precision, "reason": precision.reason},
-                   {"warnings": warnings, "notes": notes, "parameters": params}),
+        provenance(cfg, data_file_paths(cfg.data), precision, {"warnings": warnings, "notes": notes, "parameters": params}),
     )
-    card = model_card(cfg, state, metrics, base_name, params)
+    card = model_card(cfg, state, metrics, cfg.model.name_or_path, params)
     (run_dir / "README.md").write_text(card, encoding="utf-8")
     (run_dir / "model" / "README.md").write_text(card, encoding="utf-8")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return RunResult(run_dir, metrics, loop.best_metric, loop.best_step, warnings)
 
 
 def _best_metric(cfg: RunConfig, task: Task, state: dict) -> tuple[str, bool]:
@@ -246,9 +308,12 @@ class LoadedRun:
     model: torch.nn.Module
     tokenizer: Any
 
-    def predict(self, inputs: list, batch_size: int = 64) -> list[dict]:
+    def predict(self, inputs: list, batch_size: int = 64, **options) -> list[dict]:
+        """`options` are the task's prediction options (token classification: `aggregation`)."""
         max_length = getattr(self.config.task, "max_length", 512)
-        return self.task.predict(self.model, self.tokenizer, list(inputs), self.state, batch_size=batch_size, max_length=max_length)
+        return self.task.predict(
+            self.model, self.tokenizer, list(inputs), self.state, batch_size=batch_size, max_length=max_length, **options
+        )
 
 
 def load(run_dir: str | os.PathLike) -> LoadedRun:
@@ -275,20 +340,21 @@ def load(run_dir: str | os.PathLike) -> LoadedRun:
     return LoadedRun(run_dir, cfg, task, state, model, tokenizer)
 
 
-def predict(run_dir: str | os.PathLike | LoadedRun, inputs: list, batch_size: int = 64) -> list[dict]:
-    """Predictions for raw inputs (strings, or (text, pair) tuples for sentence-pair models)."""
+def predict(run_dir: str | os.PathLike | LoadedRun, inputs: list, batch_size: int = 64, **options) -> list[dict]:
+    """Predictions for raw inputs (strings, or (text, pair) tuples for sentence-pair models; token
+    classification: strings give entity spans, token lists give one tag per token)."""
     loaded = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir)
-    return loaded.predict(inputs, batch_size=batch_size)
+    return loaded.predict(inputs, batch_size=batch_size, **options)
 
 
 def evaluate(run_dir: str | os.PathLike | LoadedRun, data: str | os.PathLike, batch_size: int = 64) -> dict:
     """Metrics of a trained run on a labelled data file (same columns as training)."""
     loaded = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir)
-    table = read_file(data, loaded.config.data.encoding, field="DATA")
+    table = loaded.task.reader(loaded.config.task)(data, loaded.config.data.encoding, "DATA")
     loaded.task.preflight_eval(loaded.config.task, loaded.state, table)
     dataset = loaded.task.encode(loaded.config.task, table, loaded.tokenizer, loaded.state)
     # Class weights shape the training loss only; evaluation reports the plain loss.
     loss_fn = loaded.task.loss_fn(loaded.config.task, loaded.state, None)
-    loader = eval_loader(dataset, loaded.tokenizer, batch_size)
+    loader = eval_loader(dataset, loaded.tokenizer, batch_size, loaded.task.collator(loaded.tokenizer))
     metrics, _ = run_evaluation(loaded.model, loader, loaded.task, loaded.state, loss_fn, make_accelerator("no"))
     return metrics

@@ -6,6 +6,7 @@ User errors (bad config, bad data, missing files) print one line per problem and
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -74,8 +75,11 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML run config (see `tunesmith config init`).")],
     overrides: Overrides = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes on this machine (DDP; gloo on CPU).")] = 1,
 ) -> None:
     """Fine-tune a model as CONFIG says; writes a run directory with the model, metrics and logs."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch_distributed(nproc, config, overrides or [], quiet))
     _setup_logging()
     from . import api
 
@@ -83,10 +87,22 @@ def train(
         result = api.train(config, overrides or [], show_progress=not quiet)
     except TunesmithError as err:
         _fail(err)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under DDP the main process reports
     _print_metrics("validation (best checkpoint)", result.metrics["validation"])
     if "test" in result.metrics:
         _print_metrics("test", result.metrics["test"])
     out.print(f"run directory: {result.run_dir}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _launch_distributed(nproc: int, config: Path, overrides: list[str], quiet: bool) -> int:
+    """Re-run this command under torchrun: N processes, each `tunesmith train` with DDP via accelerate."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "tunesmith.cli", "train", str(config), *overrides] + (["--quiet"] if quiet else [])
+    console.print(f"launching {nproc} processes: {' '.join(command[1:])}", highlight=False, markup=False)
+    return subprocess.run(command, check=False).returncode
 
 
 @app.command("eval")
@@ -112,25 +128,29 @@ def evaluate(
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     input_file: Annotated[Optional[Path], typer.Option("--input", "-i", help="CSV/TSV/JSON/JSONL/Parquet file, or a .txt file with one text per line.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL output (default: stdout).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: stdout).")] = None,
     text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="A text to classify (repeatable).")] = None,
     batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 64,
+    output_format: Annotated[str, typer.Option("--format", "-f", help="jsonl, or conll (token<TAB>tag; token classification).")] = "jsonl",
+    aggregation: Annotated[Optional[str], typer.Option(help="Token classification: first, average or max (default: the run's).")] = None,
 ) -> None:
     """Predict for texts given with --text, in a file (--input), or as lines on stdin."""
     _setup_logging()
     from . import api
-    from .predict_io import read_inputs
+    from .predict_io import read_inputs, render_predictions
 
     try:
         loaded = api.load(run_dir)
+        if aggregation and "aggregation" not in inspect.signature(loaded.task.predict).parameters:
+            raise TunesmithError("--aggregation applies to token classification runs only; drop it")
         inputs, records = read_inputs(loaded.config, input_file, text)
-        predictions = loaded.predict(inputs, batch_size=batch_size)
+        predictions = loaded.predict(inputs, batch_size=batch_size, **({"aggregation": aggregation} if aggregation else {}))
+        lines = render_predictions(records, predictions, output_format)
     except TunesmithError as err:
         _fail(err)
-    lines = [json.dumps({**record, **prediction}, ensure_ascii=False) for record, prediction in zip(records, predictions)]
     if output:
         output.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        console.print(f"wrote {len(lines)} predictions to {output}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"wrote {len(predictions)} predictions to {output}", markup=False, highlight=False, soft_wrap=True)
     else:
         for line in lines:
             print(line)

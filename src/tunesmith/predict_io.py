@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from .config import RunConfig
-from .data.loaders import _decode, read_file
+from .data.loaders import _decode
 from .errors import DataError
 
 
@@ -22,10 +23,15 @@ def read_inputs(cfg: RunConfig, input_file: Path | None, texts: list[str] | None
     """Returns (model inputs, records echoed in the output)."""
     text_column = getattr(cfg.task, "text_column", "text")
     pair_column = getattr(cfg.task, "text_pair_column", None)
+    tokens_column = getattr(cfg.task, "tokens_column", None)  # token classification: pre-tokenized input
     if texts:
         lines = list(texts)
     elif input_file is not None and input_file.suffix.lower() != ".txt":
-        table = read_file(input_file, cfg.data.encoding, field="--input")
+        table = _reader(cfg)(input_file, cfg.data.encoding, "--input")
+        column = "tokens" if "fields" in table.frame.columns else tokens_column  # CoNLL files: their token column
+        if column and column in table.frame.columns:
+            inputs = [[str(t) for t in tokens] for tokens in table.frame[column]]
+            return inputs, [{} for _ in inputs]
         if text_column not in table.frame.columns:
             raise DataError(
                 f"{input_file}: missing column '{text_column}' (the run's task.text_column); columns found: "
@@ -53,3 +59,24 @@ def read_inputs(cfg: RunConfig, input_file: Path | None, texts: list[str] | None
     inputs = [_split_pair(line, bool(pair_column)) for line in lines]
     records = [{text_column: x} if isinstance(x, str) else {text_column: x[0], pair_column: x[1]} for x in inputs]
     return inputs, records
+
+
+def _reader(cfg: RunConfig):
+    from .tasks import get_task
+
+    return get_task(cfg.task.name).reader(cfg.task)
+
+
+def render_predictions(records: list[dict], predictions: list[dict], fmt: str) -> list[str]:
+    """Output lines: `jsonl` (the input record with its prediction), or `conll` (token<TAB>tag, a blank
+    line after each sentence; token classification runs)."""
+    if fmt == "jsonl":
+        return [json.dumps({**record, **prediction}, ensure_ascii=False) for record, prediction in zip(records, predictions)]
+    if fmt != "conll":
+        raise DataError(f"--format: expected jsonl or conll, found '{fmt}'")
+    lines: list[str] = []
+    for prediction in predictions:
+        if "tokens" not in prediction or "tags" not in prediction:
+            raise DataError("--format conll: these predictions have no tokens and tags (not a token classification run); use --format jsonl")
+        lines += [f"{token}\t{tag}" for token, tag in zip(prediction["tokens"], prediction["tags"])] + [""]
+    return lines

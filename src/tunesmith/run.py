@@ -131,21 +131,25 @@ def _metric_rows(metrics: dict) -> str:
     return "\n".join(["| metric | value |", "|---|---|", *rows])
 
 
+PIPELINE_TASKS = {"classification": "text-classification", "token_classification": "token-classification"}
+
+
 def model_card(cfg: RunConfig, task_state: dict, metrics: dict, base_model: str, params: str) -> str:
     labels = task_state.get("labels") or []
+    pipeline_task = PIPELINE_TASKS.get(cfg.task.name, cfg.task.name)
     test = metrics.get("test") or {}
     valid = metrics.get("validation") or {}
     lines = [
         "---",
         "library_name: transformers",
         f"base_model: {base_model}",
-        "tags: [tunesmith, text-classification]" if cfg.task.name == "classification" else "tags: [tunesmith]",
+        f"tags: [tunesmith, {pipeline_task}]",
         "---",
         "",
         f"# {cfg.task.name} model fine-tuned with tunesmith",
         "",
         f"- Base model: `{base_model}`",
-        f"- Task: {cfg.task.name} ({task_state.get('problem_type', '')})",
+        f"- Task: {cfg.task.name} ({task_state.get('problem_type') or task_state.get('scheme', '')})",
         f"- Method: {cfg.method.name} — {params}",
         f"- Labels: {', '.join(labels) if labels else '(regression)'}",
         f"- Data: {cfg.data.train_file or cfg.data.dataset_name}",
@@ -163,7 +167,7 @@ def model_card(cfg: RunConfig, task_state: dict, metrics: dict, base_model: str,
         "",
         "```python",
         "from transformers import pipeline",
-        'clf = pipeline("text-classification", model="PATH/TO/RUN/model")',
+        f'clf = pipeline("{pipeline_task}", model="PATH/TO/RUN/model")',
         'clf("an example sentence")',
         "```",
         "",
@@ -178,13 +182,16 @@ def model_card(cfg: RunConfig, task_state: dict, metrics: dict, base_model: str,
 class JsonlLog:
     """Append-only log; each line is flushed so a crash loses at most the line being written."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
+        # Disabled in non-main processes under DDP: one log per run.
         self.path = path
-        self._handle = open(path, "a", encoding="utf-8")
+        self._handle = open(path, "a", encoding="utf-8") if enabled else None
 
     def write(self, record: dict) -> None:
-        self._handle.write(json.dumps(record, default=_json_default, ensure_ascii=False) + "\n")
-        self._handle.flush()
+        if self._handle is not None:
+            self._handle.write(json.dumps(record, default=_json_default, ensure_ascii=False) + "\n")
+            self._handle.flush()
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()

@@ -91,9 +91,11 @@ def run_evaluation(model: nn.Module, loader: DataLoader, task, state: dict, loss
         inputs, labels = split_labels(batch)
         with accelerator.autocast():
             logits = model(**inputs).logits
-        loss = loss_fn(logits, labels)
-        scores, labels = accelerator.gather_for_metrics((task.scores(logits, state), labels))
-        accumulator.update(scores, labels, loss)
+        # Under DDP, gather the batch first (one batch at a time: memory stays bounded). accelerate
+        # pads the last global batch with repeated samples and `gather_for_metrics` drops them, so
+        # metrics and loss cover each validation example exactly once.
+        logits, labels = accelerator.gather_for_metrics((logits, labels))
+        accumulator.update(task.scores(logits, state), labels, loss_fn(logits, labels))
     model.train()
     return task.compute_metrics(accumulator, state), accumulator
 
@@ -153,9 +155,10 @@ def train_loop(
 
     result = LoopResult()
     best_path = run_dir / "checkpoints" / "best.safetensors"
-    best_path.parent.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        best_path.parent.mkdir(parents=True, exist_ok=True)
     evaluations_without_improvement = 0
-    logbook = JsonlLog(run_dir / "log.jsonl")
+    logbook = JsonlLog(run_dir / "log.jsonl", enabled=accelerator.is_main_process)
     running_loss, running_count, window_start, window_samples = 0.0, 0, time.perf_counter(), 0
     train_start = time.perf_counter()
     model.train()
@@ -184,7 +187,8 @@ def train_loop(
         logbook.write(record)
         result.history.append(record)
         summary = "  ".join(f"{k} {v:.4f}" for k, v in _scalars(metrics).items() if k in (metric, "loss", "accuracy", "f1_macro", "f1_micro"))
-        (console.log if show_progress else log.info)(f"eval @ step {result.global_step}: {summary}{'  (best)' if improved else ''}")
+        if accelerator.is_main_process:
+            (console.log if show_progress else log.info)(f"eval @ step {result.global_step}: {summary}{'  (best)' if improved else ''}")
         patience = train_cfg.early_stopping_patience
         return patience is not None and evaluations_without_improvement >= patience
 
@@ -212,7 +216,10 @@ def train_loop(
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 batch_size = len(labels)
-                running_loss += float(loss.detach()) * batch_size
+                step_loss = loss.detach()
+                if accelerator.num_processes > 1:  # log the global batch's loss, not this shard's
+                    step_loss = accelerator.reduce(step_loss, reduction="mean")
+                running_loss += float(step_loss) * batch_size
                 running_count += batch_size
                 window_samples += batch_size
                 result.train_samples += batch_size * accelerator.num_processes
@@ -250,6 +257,7 @@ def train_loop(
     if result.stopped_early:
         log.info("early stopping after %d evaluations without improvement", train_cfg.early_stopping_patience)
     unwrapped = accelerator.unwrap_model(model)
+    accelerator.wait_for_everyone()  # the main process wrote the best checkpoint; everyone restores it
     if best_path.exists():
         restore_best(unwrapped, best_path)
     logbook.close()

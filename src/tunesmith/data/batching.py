@@ -20,7 +20,10 @@ def _model_columns(dataset: datasets.Dataset) -> list[str]:
     return [c for c in dataset.column_names if c in MODEL_INPUTS]
 
 
-def train_loader(dataset: datasets.Dataset, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int = 0) -> DataLoader:
+def train_loader(
+    dataset: datasets.Dataset, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int = 0, collator=None
+) -> DataLoader:
+    """`collator` pads a batch (default `DataCollatorWithPadding`; token tasks pad labels with -100)."""
     generator = torch.Generator().manual_seed(seed)
     if group_by_length:
         sampler = LengthGroupedSampler(batch_size, lengths=list(dataset["length"]), generator=generator)
@@ -30,12 +33,12 @@ def train_loader(dataset: datasets.Dataset, tokenizer, batch_size: int, group_by
         dataset.with_format(columns=_model_columns(dataset)),
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=DataCollatorWithPadding(tokenizer),
+        collate_fn=collator or DataCollatorWithPadding(tokenizer),
         num_workers=num_workers,
     )
 
 
-def eval_loader(dataset: datasets.Dataset, tokenizer, batch_size: int) -> DataLoader:
+def eval_loader(dataset: datasets.Dataset, tokenizer, batch_size: int, collator=None) -> DataLoader:
     """Evaluation reads in length order (less padding); metrics do not depend on order."""
     if "length" in dataset.column_names:
         lengths = dataset["length"]
@@ -46,7 +49,7 @@ def eval_loader(dataset: datasets.Dataset, tokenizer, batch_size: int) -> DataLo
         ordered.with_format(columns=_model_columns(ordered)),
         batch_size=batch_size,
         sampler=SequentialSampler(ordered),
-        collate_fn=DataCollatorWithPadding(tokenizer),
+        collate_fn=collator or DataCollatorWithPadding(tokenizer),
     )
 
 

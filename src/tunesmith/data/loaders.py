@@ -161,13 +161,18 @@ def _read_parquet(path: Path) -> Table:
     return Table(frame, str(path), lambda i: f"row {i + 1}")
 
 
-def read_file(path: str | Path, encoding: str = "utf-8", field: str = "data.train_file") -> Table:
-    """Read one data file (CSV, TSV, JSON, JSONL, Parquet) into a `Table`."""
+def _existing_file(path: str | Path, field: str) -> Path:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{field}: file '{path}' not found (working directory {Path.cwd()}); check the path or set {field}")
     if path.is_dir():
         raise DataError(f"{field}: '{path}' is a folder but not a dataset saved with `save_to_disk`; point at a file")
+    return path
+
+
+def read_file(path: str | Path, encoding: str = "utf-8", field: str = "data.train_file") -> Table:
+    """Read one data file (CSV, TSV, JSON, JSONL, Parquet) into a `Table`."""
+    path = _existing_file(path, field)
     suffix = path.suffix.lower()
     if suffix in {".parquet", ".pq"}:
         return _read_parquet(path)
@@ -179,6 +184,40 @@ def read_file(path: str | Path, encoding: str = "utf-8", field: str = "data.trai
     if suffix == ".json":
         return _read_json(path, text)
     return _read_delimited(path, text, "\t" if suffix in {".tsv", ".txt"} else ",")
+
+
+CONLL_SUFFIXES = {".conll", ".iob", ".iob2", ".bio", ".bioes", ".txt", ".tsv"}
+
+
+def read_conll(path: str | Path, encoding: str = "utf-8", field: str = "data.train_file") -> Table:
+    """CoNLL-style files: one token per line with its fields (tab-separated, else space-separated), a blank
+    line between sentences, `-DOCSTART-` lines skipped. One row per sentence: `tokens`, `fields` (every
+    column of every token) and `lines` (the line number of every token)."""
+    path = _existing_file(path, field)
+    text = _decode(path, encoding)
+    sentences: list[list[tuple[int, list[str]]]] = []
+    current: list[tuple[int, list[str]]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        parts = [p.strip() for p in line.split("\t")] if "\t" in line else line.split()
+        if not line.strip() or parts[0] == "-DOCSTART-":
+            if current:
+                sentences.append(current)
+            current = []
+            continue
+        current.append((number, parts))
+    if current:
+        sentences.append(current)
+    if not sentences:
+        raise DataError(f"{path}: no sentences; expected one token per line with its tag (token<TAB>tag), a blank line between sentences")
+    frame = pd.DataFrame(
+        {
+            "tokens": [[parts[0] for _, parts in s] for s in sentences],
+            "fields": [[parts for _, parts in s] for s in sentences],
+            "lines": [[number for number, _ in s] for s in sentences],
+        }
+    )
+    starts = [s[0][0] for s in sentences]
+    return Table(frame, str(path), lambda i: f"line {starts[i]}")
 
 
 def read_disk_dataset(path: str | Path) -> dict[str, Table]:

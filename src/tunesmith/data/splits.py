@@ -32,13 +32,17 @@ def _from_dataset_name(cfg: DataConfig) -> dict[str, Table]:
     return read_hub_dataset(name, cfg.dataset_config_name)
 
 
-def load_tables(cfg: DataConfig) -> dict[str, Table]:
-    """Read every configured source into tables keyed by split name (train, validation, test)."""
+Reader = Callable[[str | Path, str, str], Table]  # (path, encoding, config field) -> Table
+
+
+def load_tables(cfg: DataConfig, reader: Reader = read_file) -> dict[str, Table]:
+    """Read every configured source into tables keyed by split name (train, validation, test).
+    `reader` reads one file (a task family may read its own formats, e.g. CoNLL)."""
     tables: dict[str, Table] = {}
     if cfg.train_file and is_disk_dataset(cfg.train_file):
         tables.update(read_disk_dataset(cfg.train_file))
     elif cfg.train_file:
-        tables["train"] = read_file(cfg.train_file, cfg.encoding, "data.train_file")
+        tables["train"] = reader(cfg.train_file, cfg.encoding, "data.train_file")
     elif cfg.dataset_name:
         tables.update(_from_dataset_name(cfg))
     # Normalise split names (`dev` -> validation) from disk/hub datasets.
@@ -47,9 +51,9 @@ def load_tables(cfg: DataConfig) -> dict[str, Table]:
             if alias in tables and canonical not in tables:
                 tables[canonical] = tables.pop(alias)
     if cfg.validation_file:
-        tables["validation"] = read_file(cfg.validation_file, cfg.encoding, "data.validation_file")
+        tables["validation"] = reader(cfg.validation_file, cfg.encoding, "data.validation_file")
     if cfg.test_file:
-        tables["test"] = read_file(cfg.test_file, cfg.encoding, "data.test_file")
+        tables["test"] = reader(cfg.test_file, cfg.encoding, "data.test_file")
     if "train" not in tables:
         raise DataError(
             "data: no training data; set data.train_file (CSV, TSV, JSON, JSONL, Parquet) or data.dataset_name "
@@ -86,9 +90,10 @@ def make_splits(
     cfg: DataConfig,
     seed: int,
     stratify_key: Callable[[pd.DataFrame], np.ndarray | None] | None = None,
+    reader: Reader = read_file,
 ) -> tuple[dict[str, Table], list[str]]:
     """Load tables and carve out missing splits. Returns the tables and notes for the log."""
-    tables = load_tables(cfg)
+    tables = load_tables(cfg, reader)
     notes = []
     key = stratify_key or (lambda frame: None)
     if "test" not in tables and cfg.test_split > 0:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .base import Task
 from .classification import ClassificationTask
+from .token_classification import TokenClassificationTask
 
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
+    "token_classification": TokenClassificationTask,
 }
 
 

@@ -14,13 +14,28 @@ from typing import Any
 import datasets
 import torch
 
-from ..data.loaders import Table
+from transformers import DataCollatorWithPadding
+
+from ..data.loaders import Table, read_file
 
 
 class Task(ABC):
     name: str
     auto_model_class: str  # name of the transformers Auto class, e.g. AutoModelForSequenceClassification
     peft_task_type: str  # peft TaskType, e.g. SEQ_CLS
+
+    def reader(self, cfg) -> Callable[[Any, str, str], Table]:
+        """Reads one data file (path, encoding, config field) into a Table; task families with their own
+        file formats (CoNLL) override it."""
+        return read_file
+
+    def tokenizer_kwargs(self, cfg) -> dict:
+        """Extra tokenizer loading options (e.g. `add_prefix_space` for word-level input to BPE tokenizers)."""
+        return {}
+
+    def collator(self, tokenizer):
+        """Pads a list of encoded examples into a batch."""
+        return DataCollatorWithPadding(tokenizer)
 
     @abstractmethod
     def stratify_key(self, cfg) -> Callable[[Any], Any]:

@@ -1,0 +1,66 @@
+"""DDP on CPU (gloo): `tunesmith train --nproc 2` matches a one-process run with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoModelForSequenceClassification, BertConfig
+
+import tunesmith
+from tiny import build_tiny_bert, sentiment_rows, write_csv
+
+
+def _no_dropout_bert(folder: Path) -> Path:
+    # Dropout draws different random masks in each process; without it the two runs must agree.
+    build_tiny_bert(folder)
+    config = BertConfig.from_pretrained(folder)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.save_pretrained(folder)
+    return folder
+
+
+def test_two_processes_match_one(tmp_path):
+    model_dir = _no_dropout_bert(tmp_path / "bert")
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(64))
+
+    def cfg(out: Path, per_device: int) -> dict:
+        return {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train_file": str(train), "validation_split": 0.25},
+            "task": {"name": "classification", "max_length": 32},
+            "train": {"learning_rate": 3e-3, "num_train_epochs": 2, "per_device_train_batch_size": per_device,
+                      "per_device_eval_batch_size": 5, "seed": 0, "precision": "fp32", "logging_steps": 1},
+            "output": {"dir": str(out)},
+        }
+
+    single = tunesmith.train(cfg(tmp_path / "single", 8), show_progress=False)
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(yaml.safe_dump(cfg(tmp_path / "ddp", 4)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(config_file), "--nproc", "2", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp_dir = tmp_path / "ddp"
+
+    a = AutoModelForSequenceClassification.from_pretrained(single.run_dir / "model").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(ddp_dir / "model").state_dict()
+    # Attention key biases get a zero gradient in exact arithmetic (softmax ignores a per-query
+    # constant), so AdamW scales float noise into full steps there: they are noise in any two runs.
+    compared = [k for k in a if not k.endswith("attention.self.key.bias")]
+    mismatched = [k for k in compared if not torch.allclose(a[k], b[k], atol=1e-4)]
+    assert not mismatched, mismatched
+    losses = lambda run_dir: [json.loads(line).get("loss") for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert torch.allclose(torch.tensor(losses(single.run_dir)), torch.tensor(losses(tmp_path / "ddp")), atol=1e-4)
+
+    # Metrics over the whole validation set: 16 rows, none dropped or duplicated (16 is not a multiple of 2 x 5).
+    ddp_metrics = json.loads((ddp_dir / "metrics.json").read_text())
+    assert ddp_metrics["validation"]["samples"] == single.metrics["validation"]["samples"] == 16
+    assert abs(ddp_metrics["validation"]["loss"] - single.metrics["validation"]["loss"]) < 1e-4
+    # Written once: one log with one line per step, same steps as the single run.
+    steps = lambda run_dir: [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert steps(ddp_dir) == steps(single.run_dir)
+    assert ddp_metrics["train"]["global_step"] == single.metrics["train"]["global_step"] == 12
