@@ -90,6 +90,8 @@ def _byte_level_prefix_space(tokenizer) -> None:
 def load_model(cfg: ModelConfig, task: Task, state: dict, tokenizer) -> torch.nn.Module:
     source = resolve_model_path(cfg.name_or_path)
     auto_class = getattr(transformers, task.auto_model_class)
+    # Pickled weights can execute code on load: safetensors only unless the user opts in (GGUF is not pickle).
+    safetensors_only = not cfg.allow_pickle and not cfg.gguf_file
     try:
         model = auto_class.from_pretrained(
             source,
@@ -98,9 +100,17 @@ def load_model(cfg: ModelConfig, task: Task, state: dict, tokenizer) -> torch.nn
             gguf_file=cfg.gguf_file,
             dtype=torch.float32,
             ignore_mismatched_sizes=True,
+            use_safetensors=True if safetensors_only else None,
             **task.model_kwargs(state),
         )
     except (OSError, ValueError) as err:
+        pickled = safetensors_only and Path(source).is_dir() and any(Path(source).glob("*.bin"))
+        if pickled:
+            raise ConfigError(
+                f"model.name_or_path: '{source}' has only pickled .bin weights, which can run code when loaded; "
+                "tunesmith loads safetensors only. Convert the weights to safetensors, or set model.allow_pickle=true "
+                "if you trust the files"
+            ) from None
         raise ConfigError(
             f"model.name_or_path: cannot load '{source}' as {task.auto_model_class} ({str(err).splitlines()[0][:200]}); "
             "check the name or folder (it needs config.json and safetensors weights)"
@@ -328,7 +338,7 @@ def load(run_dir: str | os.PathLike) -> LoadedRun:
     model_dir = run_dir / "model"
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     if (model_dir / "config.json").exists():
-        model = auto_class.from_pretrained(model_dir, dtype=torch.float32)
+        model = auto_class.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
     elif (run_dir / "adapter").exists():
         import peft
 

@@ -39,6 +39,9 @@ class ModelConfig(Section):
     tokenizer_name_or_path: str | None = Field(None, description="Tokenizer, if not the model's own.")
     trust_remote_code: bool = Field(False, description="Run custom model code from the hub. Off unless set.")
     gguf_file: str | None = Field(None, description="GGUF file inside `name_or_path` to load (dequantized).")
+    allow_pickle: bool = Field(
+        False, description="Also load pickled `.bin` weights (they can run code when loaded); safetensors only by default."
+    )
 
 
 class DataConfig(Section):
