@@ -22,7 +22,37 @@ VOCAB = 400
 
 # --------------------------------------------------------------------------- tokenizers
 
+FIXTURES = Path(__file__).parent / "fixtures" / "tokenizers"
 
+
+def _frozen_tokenizer(build: Callable) -> Callable:
+    """The `tokenizers` trainers break ties differently in every process (random hash seeds), so a
+    tokenizer trained here is saved once under tests/fixtures/tokenizers/ and loaded from there:
+    every run then sees the same vocabulary. Delete the file to retrain it."""
+    import functools
+
+    @functools.wraps(build)
+    def load_or_build(*args, **kwargs):
+        from tokenizers import Tokenizer
+
+        key = "-".join([build.__name__.strip("_"), *map(str, args), *(f"{k}={v}" for k, v in sorted(kwargs.items()))])
+        import hashlib
+
+        path = FIXTURES / f"{build.__name__.strip('_')}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.json"
+        result = build(*args, **kwargs)
+        tok, extra = (result, None) if not isinstance(result, tuple) else result
+        if path.exists():
+            tok = Tokenizer.from_str(path.read_text(encoding="utf-8"))
+        else:
+            FIXTURES.mkdir(parents=True, exist_ok=True)
+            path.write_text(tok.to_str(), encoding="utf-8")
+        return tok if extra is None else (tok, extra)
+
+    return load_or_build
+
+
+
+@_frozen_tokenizer
 def _wordpiece(lowercase: bool = True):
     """BERT-style: [CLS] a [SEP] (b [SEP]) with segment ids."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -41,6 +71,7 @@ def _wordpiece(lowercase: bool = True):
     return tok, {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
 
 
+@_frozen_tokenizer
 def _byte_level_bpe(specials: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -65,6 +96,7 @@ def _roberta_bpe():
     return tok, specials
 
 
+@_frozen_tokenizer
 def _unigram(specials: list[str], unk: str):
     """SentencePiece-style: Unigram model over Metaspace ("▁") pieces that never cross a word boundary."""
     import json

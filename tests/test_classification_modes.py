@@ -29,7 +29,7 @@ def multi_label_rows(n=96, seed=0):
 def test_multi_label_threshold_tuned_and_saved(pretrained_tiny_bert, tmp_path):
     train = write_csv(tmp_path / "ml.csv", multi_label_rows())
     cfg = tiny_config(pretrained_tiny_bert, train, tmp_path / "run", data={"validation_file": str(train)},
-                      train={"learning_rate": 1e-2, "num_train_epochs": 15})
+                      train={"learning_rate": 1e-2, "num_train_epochs": 30})
     result = tunesmith.train(cfg, show_progress=False)
     state = json.loads((result.run_dir / "task.json").read_text())
     assert state["problem_type"] == "multi_label"
@@ -85,22 +85,25 @@ def test_regression(pretrained_tiny_bert, tmp_path):
 
 
 def test_sentence_pairs(pretrained_tiny_bert, tmp_path):
+    # The label depends only on the second text: a model that never saw the pair would be at chance.
     rng = random.Random(0)
     rows = []
-    words = ["good", "great", "bad", "dull"]
     for i in range(80):
-        a = rng.choice(words)
-        same = i % 2 == 0
-        b = a if same else rng.choice([w for w in words if w != a])
-        rows.append({"premise": f"the film was {a}", "hypothesis": f"it is {b}", "label": "same" if same else "different"})
+        positive = i % 2 == 0
+        rows.append({"premise": "the film was " + " ".join(rng.sample(["plot", "story", "acting", "very"], 2)),
+                     "hypothesis": "it is " + rng.choice(POSITIVE if positive else NEGATIVE),
+                     "label": "positive" if positive else "negative"})
     train = write_csv(tmp_path / "pairs.csv", rows)
     cfg = tiny_config(pretrained_tiny_bert, train, tmp_path / "run", data={"validation_file": str(train)},
                       task={"text_column": "premise", "text_pair_column": "hypothesis"},
-                      train={"learning_rate": 5e-3, "num_train_epochs": 25})
+                      train={"learning_rate": 3e-3, "num_train_epochs": 15})
     result = tunesmith.train(cfg, show_progress=False)
-    assert result.metrics["validation"]["accuracy"] >= 0.9
-    preds = tunesmith.predict(result.run_dir, [("the film was dull", "it is dull"), ("the film was dull", "it is superb")])
-    assert [p["label"] for p in preds] == ["same", "different"]
+    assert result.metrics["validation"]["accuracy"] >= 0.9, result.metrics["validation"]["accuracy"]
+    preds = tunesmith.predict(result.run_dir, [("the film was plot", "it is dull"), ("the film was plot", "it is superb")])
+    assert [p["label"] for p in preds] == ["negative", "positive"]
+    tokenizer = AutoTokenizer.from_pretrained(result.run_dir / "model")
+    encoded = tokenizer.convert_ids_to_tokens(tokenizer("the film", "it is dull")["input_ids"])
+    assert encoded.count("[SEP]") == 2 and encoded[-2] == "dull"  # the pair is encoded as a second segment
 
 
 def test_class_weights_balanced_changes_loss(pretrained_tiny_bert, tmp_path):

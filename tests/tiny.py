@@ -30,7 +30,8 @@ def corpus() -> list[str]:
         "a premise that is also a hypothesis", "entailment contradiction neutral",
         "café naïve résumé 电影 很 好 看", "emoji 🎬 and accents é à ü",
     ]
-    return rows + extra
+    templates = [" ".join(w for w in t if w not in ("PER", "LOC", "ORG")) for t in NER_TEMPLATES]
+    return rows + extra + templates
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -38,16 +39,31 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def wordpiece_vocab(specials: list[str]) -> dict[str, int]:
+    """A deterministic WordPiece vocabulary: every corpus word whole, plus single characters (and
+    their `##` continuations) for unseen words. The `tokenizers` WordPiece trainer breaks ties
+    differently in every process, which made tiny-model tests differ from run to run."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for line in corpus() for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(line))})
+    chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789") | set(",.!?;:()\x27\"-"))
+    # Entity words split into sub-tokens (a 3-letter word-start piece + characters), so sub-token
+    # alignment is exercised; their first pieces are unique to one entity type.
+    entity_starts = [w[:3] for pool in (PEOPLE, PLACES, ORGS) for words in pool for w in words]
+    tokens = specials + chars + ["##" + c for c in chars] + [w for w in words if len(w) > 1] + entity_starts
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+
+
 def build_tiny_bert(folder: Path) -> Path:
-    """A 2-layer, 32-wide BERT with a WordPiece tokenizer trained on the toy corpus."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A 2-layer, 32-wide BERT with a WordPiece tokenizer over the toy corpus."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(vocab=wordpiece_vocab(specials), unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
