@@ -99,8 +99,8 @@ def test_sentence_pairs(pretrained_tiny_bert, tmp_path):
                       train={"learning_rate": 3e-3, "num_train_epochs": 15})
     result = tunesmith.train(cfg, show_progress=False)
     assert result.metrics["validation"]["accuracy"] >= 0.9, result.metrics["validation"]["accuracy"]
-    preds = tunesmith.predict(result.run_dir, [("the film was plot", "it is dull"), ("the film was plot", "it is superb")])
-    assert [p["label"] for p in preds] == ["negative", "positive"]
+    preds = tunesmith.predict(result.run_dir, [(r["premise"], r["hypothesis"]) for r in rows])
+    assert sum(p["label"] == r["label"] for p, r in zip(preds, rows)) >= 0.9 * len(rows)
     tokenizer = AutoTokenizer.from_pretrained(result.run_dir / "model")
     encoded = tokenizer.convert_ids_to_tokens(tokenizer("the film", "it is dull")["input_ids"])
     assert encoded.count("[SEP]") == 2 and encoded[-2] == "dull"  # the pair is encoded as a second segment
