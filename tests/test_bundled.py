@@ -27,12 +27,3 @@ def test_bundled_minilm_learns_rotten_tomatoes(tmp_path):
     assert result.metrics["test"]["accuracy"] > 0.7
     preds = tunesmith.predict(result.run_dir, ["a gorgeous, witty and moving film", "dull, lifeless and far too long"])
     assert [p["label"] for p in preds] == ["1", "0"]
-
-
-def test_demo_config_is_valid(tmp_path):
-    from tunesmith.demo import demo_config
-
-    cfg = demo_config(tmp_path, fast_bf16=True)
-    assert cfg.data.dataset_name == "bundled:rotten_tomatoes" and cfg.method.name == "full"
-    assert cfg.data.max_train_samples is None
-    assert demo_config(tmp_path, fast_bf16=False).data.max_train_samples == 3000  # fp32 CPUs: a smaller demo

@@ -297,3 +297,12 @@ def test_reference_documents_every_key():
     for line in reference.splitlines():
         if line.startswith("| `"):
             assert line.replace("\\|", "").count("|") == 5, line
+
+
+def test_demo_config_is_valid_and_sized_for_the_cpu(tmp_path):
+    from tunesmith.demo import demo_config
+
+    cfg = demo_config(tmp_path, fast_bf16=True)
+    assert cfg.data.dataset_name == "bundled:rotten_tomatoes" and cfg.method.name == "full"
+    assert cfg.data.max_train_samples is None
+    assert demo_config(tmp_path, fast_bf16=False).data.max_train_samples == 3000  # fp32 CPUs: a smaller demo
