@@ -55,37 +55,11 @@ def child(system: str, split_dir: Path, epochs: float, out: Path) -> None:
         classification.SETTINGS["epochs"] = epochs
         row = run_tunesmith(paths, "full", split_dir / "runs", "auto")
     else:
-        row = run_trainer_variant(paths, split_dir / "runs", epochs, best=system == "trainer-best")
+        from classification import run_trainer
+
+        row = run_trainer(paths, split_dir / "runs", epochs, best=system == "trainer-best")
     row["peak_rss_mb"] = peak_rss_mb()
     out.write_text(json.dumps(row))
-
-
-def run_trainer_variant(paths: dict[str, Path], out: Path, epochs: float, best: bool) -> dict:
-    import datasets
-    import numpy as np
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
-
-    from tunesmith.assets import bundled_model_path
-
-    model_dir = str(bundled_model_path("bundled:all-MiniLM-L6-v2"))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = datasets.load_dataset("csv", data_files={k: str(v) for k, v in paths.items()})
-    data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=MAX_LENGTH), batched=True)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    bf16 = best and bool(NATIVE_BF16_FLAGS & cpu_flags()) and measured_bf16_speedup() >= 1.3
-    extra = {"train_sampling_strategy": "group_by_length", "bf16": bf16} if best else {}
-    args = TrainingArguments(output_dir=str(out / "trainer"), learning_rate=LR, per_device_train_batch_size=BATCH,
-                             per_device_eval_batch_size=64, num_train_epochs=epochs, seed=SEED, save_strategy="no",
-                             report_to=[], disable_tqdm=True, **extra)
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"], data_collator=DataCollatorWithPadding(tokenizer))
-    start = time.perf_counter()
-    output = trainer.train()
-    seconds = time.perf_counter() - start
-    logits = trainer.predict(data["test"]).predictions
-    accuracy = float((np.argmax(logits, -1) == np.array(data["test"]["label"])).mean())
-    return {"system": "Trainer (best)" if best else "Trainer (defaults)", "test_accuracy": accuracy,
-            "train_samples_per_second": output.metrics["train_samples_per_second"], "train_seconds": seconds,
-            "precision": "bf16" if bf16 else "fp32", "padding_share": None}
 
 
 def gemm_peak(precision: str) -> float:
@@ -159,7 +133,7 @@ def main() -> None:
             row["process_wall_seconds"] = time.perf_counter() - start
             rows.append(row)
             print(json.dumps(row))
-    base = {r["system"]: r["train_samples_per_second"] for r in rows}
+    base = {r["system"].replace("transformers.", ""): r["train_samples_per_second"] for r in rows}
     precision = next((r["precision"] for r in rows if r["system"].startswith("tunesmith")), "fp32")
     peak = gemm_peak(precision)
     scaling = sequence_scaling(precision)
