@@ -292,15 +292,12 @@ def _save_model(model, tokenizer, run_dir: Path, cfg: RunConfig, state: dict, ta
         model.save_pretrained(run_dir / "adapter")
         tokenizer.save_pretrained(run_dir / "adapter")
         if not cfg.method.merge_on_save:
-            return _write_tokenizer_only(tokenizer, model_dir)
+            tokenizer.save_pretrained(model_dir)  # `load` reads the tokenizer from model/ in every run
+            return
         model = model.merge_and_unload()
     if state.get("threshold") is not None:
         model.config.multi_label_threshold = state["threshold"]
     model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-
-
-def _write_tokenizer_only(tokenizer, model_dir: Path) -> None:
     tokenizer.save_pretrained(model_dir)
 
 

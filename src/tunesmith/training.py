@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from .config import TrainConfig
+from .data.batching import padding_share
 from .methods import load_trainable_state, trainable_state
 from .run import JsonlLog
 
@@ -203,7 +204,7 @@ def train_loop(
                 train_loader.set_epoch(epoch)
             for batch in train_loader:
                 inputs, labels = split_labels(batch)
-                real, padded = _padding(inputs)
+                real, padded = padding_share(inputs)
                 result.real_tokens, result.padded_tokens = result.real_tokens + real, result.padded_tokens + padded
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
@@ -267,11 +268,6 @@ def train_loop(
 
 def _just_evaluated(result: LoopResult) -> bool:
     return bool(result.history) and result.history[-1]["type"] == "eval" and result.history[-1]["step"] == result.global_step
-
-
-def _padding(inputs: dict) -> tuple[int, int]:
-    mask = inputs.get("attention_mask")
-    return (int(mask.sum()), int(mask.numel())) if mask is not None else (0, 0)
 
 
 def _scalars(metrics: dict) -> dict:
