@@ -78,25 +78,20 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def split_labels(batch: dict) -> tuple[dict, torch.Tensor]:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return inputs, batch["labels"]
-
-
 @torch.inference_mode()
 def run_evaluation(model: nn.Module, loader: DataLoader, task, state: dict, loss_fn: Callable, accelerator: Accelerator):
     """One pass over `loader`; returns (metrics, accumulator). Only per-example scores are kept."""
     model.eval()
     accumulator = task.new_accumulator(state)
     for batch in loader:
-        inputs, labels = split_labels(batch)
+        inputs, labels, extras = task.split_batch(batch)
         with accelerator.autocast():
-            logits = model(**inputs).logits
+            logits = task.logits(model(**inputs))
         # Under DDP, gather the batch first (one batch at a time: memory stays bounded). accelerate
         # pads the last global batch with repeated samples and `gather_for_metrics` drops them, so
         # metrics and loss cover each validation example exactly once.
-        logits, labels = accelerator.gather_for_metrics((logits, labels))
-        accumulator.update(task.scores(logits, state), labels, loss_fn(logits, labels))
+        logits, labels, extras = accelerator.gather_for_metrics((logits, labels, extras))
+        task.update(accumulator, logits, labels, loss_fn(logits, labels), extras, state)
     model.train()
     return task.compute_metrics(accumulator, state), accumulator
 
@@ -203,12 +198,12 @@ def train_loop(
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             for batch in train_loader:
-                inputs, labels = split_labels(batch)
+                inputs, labels, _ = task.split_batch(batch)
                 real, padded = padding_share(inputs)
                 result.real_tokens, result.padded_tokens = result.real_tokens + real, result.padded_tokens + padded
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        logits = model(**inputs).logits
+                        logits = task.logits(model(**inputs))
                     loss = loss_fn(logits, labels)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and train_cfg.max_grad_norm > 0:

@@ -37,6 +37,20 @@ class Task(ABC):
         """Pads a list of encoded examples into a batch."""
         return DataCollatorWithPadding(tokenizer)
 
+    def split_batch(self, batch: dict) -> tuple[dict, torch.Tensor, dict]:
+        """(model inputs, labels, extras): extras are per-example fields the metrics need that the model
+        must not see (e.g. which example a window came from)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch["labels"], {}
+
+    def logits(self, outputs) -> torch.Tensor:
+        """The one tensor the loss and metrics read from the model's outputs."""
+        return outputs.logits
+
+    def update(self, accumulator, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, extras: dict, state: dict) -> None:
+        """Feed one evaluation batch to the streaming accumulator."""
+        accumulator.update(self.scores(logits, state), labels, loss)
+
     @abstractmethod
     def stratify_key(self, cfg) -> Callable[[Any], Any]:
         """A function of a train frame giving labels to stratify carved splits by (or None)."""
