@@ -47,7 +47,8 @@ def make_split(folder: Path, limit: int | None) -> dict[str, Path]:
     return paths
 
 
-def run_tunesmith(paths: dict[str, Path], method: str, out: Path, precision: str) -> dict:
+def run_tunesmith(paths: dict[str, Path], method: str, out: Path, precision: str, extra_train: dict | None = None) -> dict:
+    """`extra_train`: more `train` keys (e.g. `torch_compile`), recorded in the row."""
     import tunesmith
 
     lrs = {"lora": 5e-4, "dora": 5e-4, "ia3": 5e-3, "frozen": 1e-3}  # adapters/heads need larger rates
@@ -63,6 +64,7 @@ def run_tunesmith(paths: dict[str, Path], method: str, out: Path, precision: str
             "seed": SETTINGS["seed"],
             "precision": precision,
             "logging_steps": 50,
+            **(extra_train or {}),
         },
         "output": {"dir": str(out / f"tunesmith-{method}"), "overwrite": True},
     }
@@ -80,6 +82,7 @@ def run_tunesmith(paths: dict[str, Path], method: str, out: Path, precision: str
         "wall_seconds": wall,
         "padding_share": train["padding_share"],
         "precision": train["precision"],
+        **({"train_options": extra_train} if extra_train else {}),
     }
 
 

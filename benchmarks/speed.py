@@ -8,12 +8,17 @@ system runs in its own child process so peak RSS is its own:
   (b) `transformers.Trainer` at its best for this machine: length-grouped sampling
       (`train_sampling_strategy="group_by_length"`) and `bf16=True` only where bf16 measures faster
   (c) tunesmith defaults
+  (d) tunesmith defaults + `train.torch_compile` (with `--compile`; the first steps include the
+      compile, which is part of the cost of compiling a one-epoch run)
 
 Reports train samples/s, wall time, peak RSS, test accuracy and ratios, model FLOPs utilisation
-against this machine's measured GEMM peak for the precision used, and how step time grows with
-sequence length. Prints the CPU model and flags.
+against this machine's measured GEMM peak for the precision used, how step time grows with
+sequence length, and how training time grows with data size: tunesmith on 25%, 50% and 100% of the
+train rows (same precision as (c), no evaluation inside the loop), which should be linear
+(constant seconds per sample). Prints the CPU model and flags.
 
-    python benchmarks/speed.py --epochs 1            # about 10 minutes on 2 cores
+    python benchmarks/speed.py --epochs 1            # about 15 minutes on 2 cores (20 with --compile)
+    python benchmarks/speed.py --quick               # smoke test: a few hundred rows, short sequences
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +44,7 @@ import torch  # noqa: E402
 from tunesmith.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model, measured_bf16_speedup  # noqa: E402
 
 BATCH, LR, MAX_LENGTH, SEED = 32, 5e-5, 128, 0
+LABELS = {"trainer-defaults": "(a)", "trainer-best": "(b)", "tunesmith": "(c)", "tunesmith-compile": "(d)"}
 
 
 def peak_rss_mb() -> float:
@@ -45,15 +52,22 @@ def peak_rss_mb() -> float:
 
 
 def child(system: str, split_dir: Path, epochs: float, out: Path) -> None:
-    """Runs one system in this (child) process and writes its result JSON."""
+    """Runs one system in this (child) process and writes its result JSON.
+
+    `tunesmith-scaling:<precision>`: tunesmith without evaluation inside the loop, so that train
+    time is training alone, at the precision (c) chose (a new measurement could choose otherwise)."""
     from classification import run_tunesmith
 
     paths = {k: split_dir / f"{k}.csv" for k in ("train", "validation", "test")}
-    if system == "tunesmith":
+    if system.startswith("tunesmith"):
         import classification
 
         classification.SETTINGS["epochs"] = epochs
-        row = run_tunesmith(paths, "full", split_dir / "runs", "auto")
+        name, _, precision = system.partition(":")
+        extra = {"tunesmith-compile": {"torch_compile": True}, "tunesmith-scaling": {"eval_strategy": "no"}}.get(name)
+        row = run_tunesmith(paths, "full", split_dir / "runs", precision or "auto", extra)
+        if name == "tunesmith-compile":
+            row["system"] += " + torch_compile"
     else:
         from classification import run_trainer
 
@@ -75,7 +89,7 @@ def gemm_peak(precision: str) -> float:
     return 2 * 2048**3 / best / 1e9
 
 
-def sequence_scaling(precision: str) -> list[dict]:
+def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 512)) -> list[dict]:
     """Time of one training step (batch 32) of MiniLM at fixed sequence lengths."""
     from transformers import AutoModelForSequenceClassification
 
@@ -85,7 +99,7 @@ def sequence_scaling(precision: str) -> list[dict]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
     rows = []
-    for length in (64, 128, 256, 512):
+    for length in lengths:
         batch = {"input_ids": torch.randint(1000, 20000, (BATCH, length)), "labels": torch.randint(0, 2, (BATCH,))}
         times = []
         for _ in range(3):
@@ -103,17 +117,63 @@ def sequence_scaling(precision: str) -> list[dict]:
     return rows
 
 
+def run_child(system: str, split_dir: Path, epochs: float) -> dict:
+    out = split_dir / f"{system.replace(':', '-')}.json"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--epochs", str(epochs), "--child", system, str(split_dir), str(out)], check=True)
+    row = json.loads(out.read_text())
+    row["process_wall_seconds"] = time.perf_counter() - start
+    return row
+
+
+def data_scaling(split_dir: Path, epochs: float, precision: str, fractions: list[float]) -> list[dict]:
+    """Train time on the first 25/50/100% of the (shuffled) train rows; validation and test stay whole."""
+    import pandas as pd
+
+    train = pd.read_csv(split_dir / "train.csv")
+    rows = []
+    for fraction in fractions:
+        folder = split_dir / f"fraction-{fraction:g}"
+        folder.mkdir(exist_ok=True)
+        train.iloc[: max(1, round(fraction * len(train)))].to_csv(folder / "train.csv", index=False)
+        for name in ("validation", "test"):
+            shutil.copy(split_dir / f"{name}.csv", folder / f"{name}.csv")
+        row = run_child(f"tunesmith-scaling:{precision}", folder, epochs)
+        rows.append({"fraction": fraction, "train_rows": round(fraction * len(train)), "train_seconds": row["train_seconds"],
+                     "train_samples_per_second": row["train_samples_per_second"], "precision": row["precision"]})
+        print(json.dumps(rows[-1]))
+    full = max(rows, key=lambda r: r["fraction"])
+    for r in rows:  # 1.0 = exactly linear: this share of the data took this share of the time
+        r["time_vs_linear"] = (r["train_seconds"] / full["train_seconds"]) / (r["fraction"] / full["fraction"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--systems", nargs="+", default=["trainer-defaults", "trainer-best", "tunesmith"])
+    parser.add_argument("--systems", nargs="+", default=None, choices=list(LABELS),
+                        help="default: (a), (b), (c); (c) only with --quick")
+    parser.add_argument("--compile", action="store_true", help="Also run (d): tunesmith with train.torch_compile.")
+    parser.add_argument("--fractions", nargs="*", type=float, default=[0.25, 0.5, 1.0],
+                        help="Shares of the train rows for the data-size scaling (none: skip it).")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N shuffled rows (smoke test).")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "speed.json")
+    parser.add_argument("--quick", action="store_true",
+                        help="Smoke test: 240 rows, (c) only, sequence lengths 32 and 64; "
+                        "writes to a temporary file unless --output.")
+    parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/speed.json")
     parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "SPLIT_DIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], Path(args.child[1]), args.epochs, Path(args.child[2]))
         return
+    systems = args.systems or (["tunesmith"] if args.quick else ["trainer-defaults", "trainer-best", "tunesmith"])
+    if args.compile and "tunesmith-compile" not in systems:
+        systems.append("tunesmith-compile")
+    limit = args.limit or (240 if args.quick else None)
+    lengths = (32, 64) if args.quick else (64, 128, 256, 512)
+    results = Path(tempfile.gettempdir()) if args.quick else Path(__file__).parent / "results"
+    default_output = results / ("speed-quick.json" if args.quick else "speed.json")
+    output = args.output or default_output
 
     from classification import make_split
 
@@ -123,36 +183,39 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         split_dir = Path(tmp)
-        make_split(split_dir, args.limit)
-        for system in args.systems:
-            out = split_dir / f"{system}.json"
-            start = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--epochs", str(args.epochs), "--child", system, str(split_dir), str(out)],
-                           check=True)
-            row = json.loads(out.read_text())
-            row["process_wall_seconds"] = time.perf_counter() - start
-            rows.append(row)
-            print(json.dumps(row))
+        make_split(split_dir, limit)
+        for system in systems:
+            rows.append(run_child(system, split_dir, args.epochs))
+            print(json.dumps(rows[-1]))
+        precision = next((r["precision"] for r in rows if r["system"].startswith("tunesmith")), "fp32")
+        scaling_data = data_scaling(split_dir, args.epochs, precision, args.fractions) if args.fractions else []
     base = {r["system"].replace("transformers.", ""): r["train_samples_per_second"] for r in rows}
-    precision = next((r["precision"] for r in rows if r["system"].startswith("tunesmith")), "fp32")
     peak = gemm_peak(precision)
-    scaling = sequence_scaling(precision)
+    scaling = sequence_scaling(precision, lengths)
     print("\n| system | test accuracy | train samples/s | vs (a) | vs (b) | train s | peak RSS MB | precision |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    for system, r in zip(systems, rows):
         a, b = base.get("Trainer (defaults)"), base.get("Trainer (best)")
         ratio = lambda ref: f"{r['train_samples_per_second'] / ref:.2f}x" if ref else "—"
-        print(f"| {r['system']} | {r['test_accuracy']:.4f} | {r['train_samples_per_second']:.1f} | {ratio(a)} | {ratio(b)} | "
-              f"{r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['precision']} |")
+        print(f"| {LABELS[system]} {r['system']} | {r['test_accuracy']:.4f} | {r['train_samples_per_second']:.1f} | {ratio(a)} | "
+              f"{ratio(b)} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['precision']} |")
     print(f"\nGEMM peak ({precision}, 2048^3): {peak:.0f} GFLOP/s")
     print("| seq len | step s (batch 32) | tokens/s | MFU vs GEMM peak |")
     print("|---|---|---|---|")
     for s in scaling:
         print(f"| {s['seq_len']} | {s['step_seconds']:.3f} | {s['tokens_per_second']:.0f} | {s['achieved_gflops'] / peak:.0%} |")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"cpu": cpu_model(), "flags": flags, "bf16_speedup": speedup, "results": rows,
-                                       "gemm_peak_gflops": peak, "sequence_scaling": scaling}, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    if scaling_data:
+        print(f"\nData size (tunesmith full, {precision}, {args.epochs:g} epoch(s), no evaluation in the loop)")
+        print("| share of train rows | rows | train s | samples/s | time vs linear |")
+        print("|---|---|---|---|---|")
+        for d in scaling_data:
+            print(f"| {d['fraction']:.0%} | {d['train_rows']} | {d['train_seconds']:.1f} | {d['train_samples_per_second']:.1f} | "
+                  f"{d['time_vs_linear']:.2f} |")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"cpu": cpu_model(), "flags": flags, "bf16_speedup": speedup, "results": rows,
+                                  "gemm_peak_gflops": peak, "sequence_scaling": scaling, "data_scaling": scaling_data,
+                                  "quick": args.quick}, indent=2) + "\n")
+    print(f"\nwrote {output}")
 
 
 if __name__ == "__main__":

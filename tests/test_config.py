@@ -92,7 +92,7 @@ def test_typo_in_an_override_is_reported_the_same_way():
         ),
         ({"train": {"precision": "int8"}}, "train.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16' (found 'int8')"),
         ({"method": "lorra"}, "method.name: Input should be 'full', 'last_n', 'frozen', 'lora', 'dora' or 'ia3' (found 'lorra')"),
-        ({"task": {"name": "classificaton"}}, "task.name: expected 'classification', 'token_classification', found 'classificaton'"),
+        ({"task": {"name": "classificaton"}}, "task.name: expected 'classification', 'token_classification', 'question_answering', found 'classificaton'"),
         # A union type: one message at the key's own path, not one per pydantic branch.
         (
             {"task": {"class_weights": "balance"}},

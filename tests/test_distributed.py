@@ -23,29 +23,23 @@ def _no_dropout_bert(folder: Path) -> Path:
     return folder
 
 
-def test_two_processes_match_one(tmp_path):
-    model_dir = _no_dropout_bert(tmp_path / "bert")
-    train = write_csv(tmp_path / "train.csv", sentiment_rows(64))
+def run_config(model_dir: Path, train: Path, out: Path, per_device: int) -> dict:
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train_file": str(train), "validation_split": 0.25},
+        "task": {"name": "classification", "max_length": 32},
+        "train": {"learning_rate": 3e-3, "num_train_epochs": 2, "per_device_train_batch_size": per_device,
+                  "per_device_eval_batch_size": 5, "seed": 0, "precision": "fp32", "logging_steps": 1},
+        "output": {"dir": str(out)},
+    }
 
-    def cfg(out: Path, per_device: int) -> dict:
-        return {
-            "model": {"name_or_path": str(model_dir)},
-            "data": {"train_file": str(train), "validation_split": 0.25},
-            "task": {"name": "classification", "max_length": 32},
-            "train": {"learning_rate": 3e-3, "num_train_epochs": 2, "per_device_train_batch_size": per_device,
-                      "per_device_eval_batch_size": 5, "seed": 0, "precision": "fp32", "logging_steps": 1},
-            "output": {"dir": str(out)},
-        }
 
-    single = tunesmith.train(cfg(tmp_path / "single", 8), show_progress=False)
-    config_file = tmp_path / "ddp.yaml"
-    config_file.write_text(yaml.safe_dump(cfg(tmp_path / "ddp", 4)))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(config_file), "--nproc", "2", "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ddp_dir = tmp_path / "ddp"
+def launch_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
+
+def assert_matches_single_run(single, ddp_dir: Path) -> None:
+    """A 2-process run (batch 4 each) against `single` (one process, batch 8): weights, loss curve, metrics, one writer."""
     a = AutoModelForSequenceClassification.from_pretrained(single.run_dir / "model").state_dict()
     b = AutoModelForSequenceClassification.from_pretrained(ddp_dir / "model").state_dict()
     # Attention key biases get a zero gradient in exact arithmetic (softmax ignores a per-query
@@ -54,7 +48,7 @@ def test_two_processes_match_one(tmp_path):
     mismatched = [k for k in compared if not torch.allclose(a[k], b[k], atol=1e-4)]
     assert not mismatched, mismatched
     losses = lambda run_dir: [json.loads(line).get("loss") for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert torch.allclose(torch.tensor(losses(single.run_dir)), torch.tensor(losses(tmp_path / "ddp")), atol=1e-4)
+    assert torch.allclose(torch.tensor(losses(single.run_dir)), torch.tensor(losses(ddp_dir)), atol=1e-4)
 
     # Metrics over the whole validation set: 16 rows, none dropped or duplicated (16 is not a multiple of 2 x 5).
     ddp_metrics = json.loads((ddp_dir / "metrics.json").read_text())
@@ -64,3 +58,21 @@ def test_two_processes_match_one(tmp_path):
     steps = lambda run_dir: [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert steps(ddp_dir) == steps(single.run_dir)
     assert ddp_metrics["train"]["global_step"] == single.metrics["train"]["global_step"] == 12
+
+
+def single_and_ddp_config(tmp_path: Path):
+    """The one-process reference run, and the config file for the same run on 2 processes."""
+    model_dir = _no_dropout_bert(tmp_path / "bert")
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(64))
+    single = tunesmith.train(run_config(model_dir, train, tmp_path / "single", 8), show_progress=False)
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(yaml.safe_dump(run_config(model_dir, train, tmp_path / "ddp", 4)))
+    return single, config_file
+
+
+def test_two_processes_match_one(tmp_path):
+    single, config_file = single_and_ddp_config(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(config_file), "--nproc", "2", "--quiet"],
+                          capture_output=True, text=True, env=launch_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_matches_single_run(single, tmp_path / "ddp")

@@ -26,6 +26,7 @@ from tiny import sentiment_rows, tiny_config, write_csv
 from tunesmith.data.loaders import read_file
 from tunesmith.data.splits import make_splits
 from tunesmith.errors import ConfigError, DataError, TunesmithError
+from tunesmith.run import RUN_MARKER
 from tunesmith.tasks import get_task
 
 
@@ -372,6 +373,7 @@ def test_cli_error_messages_are_not_read_as_markup(tmp_path):
 def test_existing_run_dir_is_refused_without_overwrite(tmp_path, sentiment_csv, tiny_bert):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    (run_dir / RUN_MARKER).write_text("")  # an earlier tunesmith run
     (run_dir / "keep.txt").write_text("earlier run")
     cfg = tiny_config(tiny_bert, sentiment_csv, run_dir)
     with pytest.raises(ConfigError) as caught:
@@ -388,19 +390,20 @@ def test_existing_run_dir_is_refused_without_overwrite(tmp_path, sentiment_csv, 
     result = CliRunner().invoke(app, ["train", str(tmp_path / "cfg.yaml")])
     assert result.exit_code == 2
     assert f"error: {message}" in result.output.splitlines()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [RUN_MARKER, "keep.txt"]
     # The override turns the refusal off (the bad data below then stops the run, leaving the old one in place).
 
 
 def test_bad_input_does_not_overwrite_an_existing_run(tmp_path, tiny_bert):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    (run_dir / RUN_MARKER).write_text("")
     (run_dir / "keep.txt").write_text("earlier run")
     sections = _single_class(tmp_path)
     cfg = tiny_config(tiny_bert, tmp_path / "x.csv", run_dir, output={"dir": str(run_dir), "overwrite": True}, **sections)
     with pytest.raises(DataError, match="single class"):
         tunesmith.train(cfg, show_progress=False)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [RUN_MARKER, "keep.txt"]
 
 
 def test_an_empty_existing_output_dir_is_fine(tmp_path, sentiment_csv):
@@ -477,6 +480,7 @@ def test_warnings_reach_run_result_and_overwrite_replaces_run(tmp_path, tiny_ber
     sections, train, _ = _warning_tables(tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    (run_dir / RUN_MARKER).write_text("")  # only tunesmith runs are replaced
     (run_dir / "stale.txt").write_text("old")
     cfg = tiny_config(
         tiny_bert,

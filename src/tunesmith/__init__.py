@@ -5,6 +5,7 @@ Python API first::
     import tunesmith
     result = tunesmith.train("configs/sst2-minilm.yaml")
     tunesmith.predict(result.run_dir, ["a gorgeous, witty film"])
+    tunesmith.qa.answer(model, tokenizer, ["Who wrote it?"], ["It was written by Ada."])  # any QA model
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
+    if name == "qa":  # `tunesmith.qa.answer`: question answering with any AutoModelForQuestionAnswering
+        import importlib
+
+        return importlib.import_module(f"{__name__}.qa")  # `from . import qa` would ask this function again
     raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")
 
 
-__all__ = sorted(_API) + ["__version__"]
+__all__ = sorted(_API) + ["__version__", "qa"]

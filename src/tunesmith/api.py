@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,8 +20,12 @@ from .config import ModelConfig, RunConfig, coerce_config, parse_config
 from .data.batching import eval_loader, train_loader
 from .data.splits import data_file_paths, make_splits
 from .errors import ConfigError
+from .memory import check_memory
 from .methods import apply_method, count_parameters, is_peft
 from .precision import choose_precision
+from .performance import apply_speed_options, configure_threads
+from .lock import RunLock, check_unlocked
+from .resume import check_fingerprint, fingerprint, plan_resume
 from .run import check_run_dir, create_run_dir, model_card, provenance, save_config, write_json
 from .tasks import Task, get_task
 from .training import greater_is_better, run_evaluation, train_loop
@@ -143,6 +148,9 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
 
     from accelerate.utils import DataLoaderConfiguration
 
+    from .distributed import check_launch_strategy
+
+    check_launch_strategy(torch.cuda.is_available())  # FSDP/DeepSpeed from `accelerate launch`: fail early, clearly
     return Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -154,12 +162,36 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
 # --------------------------------------------------------------------------- train
 
 
-def train(config: RunConfig | dict | str | os.PathLike, overrides: list[str] | None = None, *, show_progress: bool = True) -> RunResult:
-    """Fine-tune a model as configured; returns the run directory and its metrics."""
-    cfg = coerce_config(config, overrides)
+def train(
+    config: RunConfig | dict | str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    *,
+    show_progress: bool = True,
+    resume: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> RunResult:
+    """Fine-tune a model as configured; returns the run directory and its metrics.
+
+    `resume`: a run directory to continue from its latest checkpoint, or `"auto"` (continue the
+    config's `output.dir` if it has a checkpoint, else start). `overwrite`: replace an existing run."""
+    if resume:
+        cfg, checkpoint = plan_resume(config, overrides, resume)
+    elif config is None:
+        raise ConfigError("train: no config given; pass a config file, dict or RunConfig (or resume=RUN_DIR)")
+    else:
+        cfg, checkpoint = coerce_config(config, overrides), None
+    if overwrite:
+        cfg.output.overwrite = True
     if not cfg.data.train_file and not cfg.data.dataset_name:
         raise ConfigError("data: no training data; set data.train_file (CSV, TSV, JSON, JSONL, Parquet) or data.dataset_name")
-    run_dir = check_run_dir(cfg)
+    if cfg.output.dir:
+        check_unlocked(Path(cfg.output.dir))  # a live run there: say so, rather than "already holds a run"
+    run_dir = check_run_dir(cfg) if checkpoint is None else Path(cfg.output.dir)
+    with contextlib.ExitStack() as cleanup:  # releases the run-directory lock however the run ends
+        return _train(cfg, run_dir, checkpoint, cleanup, show_progress)
+
+
+def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitStack, show_progress: bool) -> RunResult:
     task = get_task(cfg.task.name)
     transformers.set_seed(cfg.train.seed)
 
@@ -174,6 +206,7 @@ def train(config: RunConfig | dict | str | os.PathLike, overrides: list[str] | N
         log.warning(line)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = configure_threads(cfg.train.num_threads)  # before the precision check times matmuls
     precision = choose_precision(cfg.train.precision, device)
     log.info("precision: %s (%s)", precision.precision, precision.reason)
     accelerator = make_accelerator(precision.accelerate_mixed_precision, cfg.train.gradient_accumulation_steps)
@@ -184,14 +217,22 @@ def train(config: RunConfig | dict | str | os.PathLike, overrides: list[str] | N
     transformers.set_seed(cfg.train.seed)
     model = load_model(cfg.model, task, state, tokenizer)
     model = apply_method(model, cfg.method, task.peft_task_type)
+    model, speed = apply_speed_options(model, cfg.train, cfg.method.name, threads)
+    warnings += check_memory(model, cfg, precision.precision, encoded["train"])  # ResourceError before the run dir exists
     params = str(count_parameters(model))
     # Only now, with data checked and the model loaded, does the run directory appear (written by
     # the main process once every process has passed the check above).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        create_run_dir(run_dir, cfg.output.overwrite)
-        save_config(run_dir, cfg)
+        if checkpoint is None:
+            create_run_dir(run_dir, cfg.output.overwrite)
+            save_config(run_dir, cfg)
+        cleanup.enter_context(RunLock(run_dir))
     accelerator.wait_for_everyone()
+    run_fingerprint = fingerprint(cfg, tables)
+    if checkpoint is not None:
+        check_fingerprint(checkpoint, run_fingerprint)
+        notes.append(f"resumed from {checkpoint.path}")
 
     metric, bigger = _best_metric(cfg, task, state)
     loss_fn = task.loss_fn(cfg.task, state, encoded["train"])
@@ -228,6 +269,8 @@ def train(config: RunConfig | dict | str | os.PathLike, overrides: list[str] | N
         metric=metric,
         bigger_better=bigger,
         show_progress=show_progress,
+        resume=checkpoint,
+        fingerprint=run_fingerprint,
     )
 
     # Final numbers come from the best checkpoint (restored by the loop).
@@ -257,19 +300,20 @@ def train(config: RunConfig | dict | str | os.PathLike, overrides: list[str] | N
     uncache_body(accelerator.unwrap_model(model))
     if accelerator.is_main_process:  # one writer: under DDP the model and files are written once
         _write_run(run_dir, accelerator.unwrap_model(model), tokenizer, cfg, task, state, metrics,
-                   {"choice": precision.precision, "reason": precision.reason}, warnings, notes, params)
+                   {"choice": precision.precision, "reason": precision.reason}, warnings, notes, params, speed)
     accelerator.wait_for_everyone()
     return RunResult(run_dir, metrics, loop.best_metric, loop.best_step, warnings)
 
 
 def _write_run(run_dir: Path, model, tokenizer, cfg: RunConfig, task: Task, state: dict, metrics: dict,
-               precision: dict, warnings: list[str], notes: list[str], params: str) -> None:
+               precision: dict, warnings: list[str], notes: list[str], params: str, speed: dict | None = None) -> None:
     _save_model(model, tokenizer, run_dir, cfg, state, task)
     write_json(run_dir / "task.json", {"task": task.name, **state})
     write_json(run_dir / "metrics.json", metrics)
     write_json(
         run_dir / "provenance.json",
-        provenance(cfg, data_file_paths(cfg.data), precision, {"warnings": warnings, "notes": notes, "parameters": params}),
+        provenance(cfg, data_file_paths(cfg.data), precision,
+                   {"warnings": warnings, "notes": notes, "parameters": params, "speed": speed}),
     )
     card = model_card(cfg, state, metrics, cfg.model.name_or_path, params)
     (run_dir / "README.md").write_text(card, encoding="utf-8")

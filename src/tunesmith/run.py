@@ -4,12 +4,17 @@ Layout of `output.dir`:
 
     config.yaml       the fully resolved config (reload with `tunesmith train config.yaml`)
     task.json         task state needed for inference (labels, problem type, tuned threshold)
-    provenance.json   schema version, package versions, data hashes, git commit, CPU flags, seed, precision
+    provenance.json   schema version, package versions, data hashes, git commit, CPU flags, threads, seed, precision,
+                      speed options (threads and why, gradient checkpointing, torch.compile)
     log.jsonl         one JSON object per logged step and evaluation
     metrics.json      validation (best model) and test metrics, training throughput
     README.md         model card
     model/            plain transformers model + tokenizer (merged, for adapter methods)
     adapter/          peft adapter with the task head (lora, dora, ia3)
+    .tunesmith-run    marker written when the directory is created: `output.overwrite` replaces only
+                      folders that are tunesmith runs (this marker, or config.yaml with task.json or
+                      checkpoints/ from runs made before it), and never `/`, the home directory, the
+                      working directory or a folder containing it
 """
 
 from __future__ import annotations
@@ -36,25 +41,85 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.task.name}-{cfg.method.name}-{stamp}"
 
 
+RUN_MARKER = ".tunesmith-run"
+MARKER_TEXT = "This folder is a tunesmith run directory; `output.overwrite: true` may delete and replace its contents.\n"
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a tunesmith run: the marker, or (runs from before it) config.yaml with task.json or checkpoints/."""
+    path = Path(path)
+    return (path / RUN_MARKER).is_file() or (
+        (path / "config.yaml").is_file() and ((path / "task.json").is_file() or (path / "checkpoints").is_dir())
+    )
+
+
+def _protected(run_dir: Path) -> str | None:
+    """Why emptying `run_dir` would destroy more than a run (None when it would not)."""
+    resolved = run_dir.resolve()
+    if resolved == Path(resolved.anchor):
+        return "the file system root"
+    try:
+        if resolved == Path.home().resolve():
+            return "your home directory"
+    except RuntimeError:  # no home directory known
+        pass
+    cwd = Path.cwd().resolve()
+    if resolved == cwd:
+        return "the current working directory"
+    if resolved in cwd.parents:
+        return "a folder containing the current working directory"
+    return None
+
+
+def check_replaceable(run_dir: Path) -> None:
+    """Refuse to empty `run_dir` (output.overwrite) unless it is a tunesmith run and nothing more precious."""
+    why = _protected(run_dir)
+    if why:
+        raise ConfigError(
+            f"output.dir: '{run_dir}' is {why} ({run_dir.resolve()}); expected a folder of its own for the run, as "
+            "output.overwrite=true deletes everything in it; set output.dir to a new folder, e.g. runs/my-run"
+        )
+    if not is_run_dir(run_dir):
+        entries = sorted(p.name for p in run_dir.iterdir())
+        raise ConfigError(
+            f"output.dir: '{run_dir}' is not a tunesmith run (no {RUN_MARKER} marker, nor config.yaml with task.json or "
+            f"checkpoints/); found {len(entries)} other entries ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}), "
+            "left untouched, as output.overwrite=true only replaces tunesmith runs; choose a new output.dir, or empty the "
+            "folder yourself"
+        )
+
+
 def check_run_dir(cfg: RunConfig) -> Path:
-    """Fail fast, before data or models load, if the run directory would be overwritten."""
+    """Fail fast, before data or models load, if the run directory would be overwritten (or is not safe to replace)."""
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output.dir: '{run_dir}' exists and is a file; choose another output.dir")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.output.overwrite:
-        raise ConfigError(
-            f"output.dir: '{run_dir}' already holds a run; choose a new output.dir or set output.overwrite=true to replace it"
-        )
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if cfg.output.overwrite:
+            check_replaceable(run_dir)
+        elif is_run_dir(run_dir):
+            raise ConfigError(
+                f"output.dir: '{run_dir}' already holds a run; choose a new output.dir or set output.overwrite=true to replace it"
+            )
+        else:
+            raise ConfigError(
+                f"output.dir: '{run_dir}' is not empty and holds no tunesmith run; expected a new or empty folder; choose "
+                "another output.dir (output.overwrite=true only replaces tunesmith runs)"
+            )
     return run_dir
 
 
 def create_run_dir(run_dir: Path, overwrite: bool) -> Path:
-    if run_dir.is_dir() and overwrite:
+    """Create (or, with `overwrite`, empty) the run directory and mark it as a tunesmith run."""
+    if run_dir.is_dir() and overwrite and any(run_dir.iterdir()):
         import shutil
 
+        check_replaceable(run_dir)  # again here: callers other than `train` may skip `check_run_dir`
         for child in run_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            # A symlink is removed, never followed: what it points at is not part of the run.
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_MARKER).write_text(MARKER_TEXT, encoding="utf-8")
     return run_dir
 
 
@@ -119,7 +184,8 @@ def provenance(cfg: RunConfig, data_files: list[Path], precision: dict, extra: d
         "packages": package_versions(),
         "data_files": {str(p): {"sha256": _file_sha256(p), "bytes": p.stat().st_size} for p in data_files},
         "git_commit": {"working_directory": _git_commit(Path.cwd()), "tunesmith": _git_commit(Path(__file__).parent)},
-        "cpu": {"model": cpu_model(), "flags": sorted(cpu_flags()), "threads": torch.get_num_threads()},
+        "cpu": {"model": cpu_model(), "flags": sorted(cpu_flags()), "threads": torch.get_num_threads(),
+                "interop_threads": torch.get_num_interop_threads()},
         "seed": cfg.train.seed,
         "precision": precision,
         **(extra or {}),
@@ -177,6 +243,13 @@ def model_card(cfg: RunConfig, task_state: dict, metrics: dict, base_model: str,
         "",
     ]
     return "\n".join(lines)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Replace a JSONL file atomically (a resumed run restarts its log from the checkpoint's records)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, default=_json_default, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class JsonlLog:

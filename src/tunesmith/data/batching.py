@@ -16,8 +16,11 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 
-def _model_columns(dataset: datasets.Dataset) -> list[str]:
-    return [c for c in dataset.column_names if c in MODEL_INPUTS]
+def _model_columns(dataset: datasets.Dataset, collator=None) -> list[str]:
+    """The columns a batch carries: model inputs and labels, plus the columns the collator declares in
+    `extra_columns` (question answering's window metadata: offsets, CLS position, which question)."""
+    wanted = set(MODEL_INPUTS) | set(getattr(collator, "extra_columns", ()))
+    return [c for c in dataset.column_names if c in wanted]
 
 
 def train_loader(
@@ -30,7 +33,7 @@ def train_loader(
     else:
         sampler = RandomSampler(dataset, generator=generator)
     return DataLoader(
-        dataset.with_format(columns=_model_columns(dataset)),
+        dataset.with_format(columns=_model_columns(dataset, collator)),
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collator or DataCollatorWithPadding(tokenizer),
@@ -46,7 +49,7 @@ def eval_loader(dataset: datasets.Dataset, tokenizer, batch_size: int, collator=
     else:
         ordered = dataset
     return DataLoader(
-        ordered.with_format(columns=_model_columns(ordered)),
+        ordered.with_format(columns=_model_columns(ordered, collator)),
         batch_size=batch_size,
         sampler=SequentialSampler(ordered),
         collate_fn=collator or DataCollatorWithPadding(tokenizer),

@@ -3,6 +3,9 @@
 Every loader returns a `Table`: the rows plus a function naming a row the way the user sees it
 in their editor (`train.csv line 7`, `train.jsonl line 3`, `train.parquet row 12`), so preflight
 errors can point at the exact place to fix.
+
+Whatever the bytes of a file, a reader returns the rows written or raises a `DataError` whose message
+is one line naming the file (and line): never another exception (`tests/test_fuzz_loaders.py`).
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import unicodedata
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from ..errors import DataError
+from ..errors import DataError, shown
 
 TABLE_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet", ".pq", ".txt"}
 
@@ -31,8 +37,22 @@ class Table:
         return f"{self.source} {self.row_label(index)}"
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """A library's error message fit for a one-line problem: whitespace runs collapsed, control characters escaped."""
+    return shown(" ".join(str(text).split())[:limit])
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as an editor numbers them: split at \\n, \\r\\n or \\r only (not at U+2028, U+0085, form feeds,
+    which `str.splitlines` also takes for line ends and which may sit inside a JSON string or a token)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _decode(path: Path, encoding: str) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file ({err.strerror or err}); expected a readable file; check its permissions") from None
     # NUL bytes never occur in UTF-8/latin-1 text: the file is binary (a spreadsheet, an archive) or UTF-16.
     # Checked before decoding, so a binary file is not misreported as text in the wrong encoding.
     nul = data.find(b"\x00")
@@ -45,49 +65,104 @@ def _decode(path: Path, encoding: str) -> str:
         )
     try:
         text = data.decode(encoding)
+        text.encode("utf-8")  # a codec such as utf-7 can produce lone surrogates, which no later step can store
+    except UnicodeEncodeError as err:
+        line = text.count("\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}: line {line}: expected text, found an unpaired surrogate {ascii(text[err.start])} after decoding as "
+            f"{shown(encoding)}; re-save the file as UTF-8, or set data.encoding to the file's real encoding"
+        ) from None
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(
             f"{path}: line {line}: expected {encoding} text, found byte 0x{data[err.start]:02x} that is not valid {encoding}; "
             f"re-save the file as UTF-8, or set data.encoding (e.g. data.encoding=latin-1)"
         ) from None
-    except LookupError:
-        raise DataError(f"data.encoding: unknown encoding '{encoding}'; use a Python codec name such as utf-8 or latin-1") from None
+    except (LookupError, ValueError):  # ValueError: a NUL in the codec name
+        raise DataError(f"data.encoding: unknown encoding '{shown(encoding)}'; use a Python codec name such as utf-8 or latin-1") from None
     if "\x00" in text:
         raise DataError(f"{path}: contains NUL characters; expected a text file (is it binary?). Re-save it as UTF-8 text")
     return text.removeprefix("\ufeff")
 
 
-def _record_lines(text: str, sep: str) -> list[int]:
-    """First line of each data row, as pandas reads them: blank lines skipped, quoted fields may span lines."""
-    reader = csv.reader(io.StringIO(text), delimiter=sep)
-    starts, previous = [], 0
+@contextmanager
+def _csv_field_limit(size: int):
+    # The csv module refuses fields over 128 KiB by default; pandas reads them, so line numbers must too.
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(old, size))
     try:
-        for row in reader:
-            if len(row) > 1 or (row and row[0].strip()):
-                starts.append(previous + 1)
-            previous = reader.line_num
-    except csv.Error:
-        pass  # pandas parsed it; fall back to plain numbering for the rest
-    return starts[1:]  # the first record is the header
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _csv_records(text: str, sep: str):
+    """(first line, fields) of each record, as pandas reads them: blank lines skipped, quoted fields may span lines."""
+    with _csv_field_limit(len(text) + 1):
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+        previous = 0
+        try:
+            for row in reader:
+                if len(row) > 1 or (row and row[0].strip()):
+                    yield previous + 1, row
+                previous = reader.line_num
+        except csv.Error:
+            return  # pandas parsed it; fall back to plain numbering for the rest
+
+
+def _record_lines(text: str, sep: str) -> list[int]:
+    """First line of each data row (the first record is the header)."""
+    return [line for line, _ in _csv_records(text, sep)][1:]
+
+
+def _plain_number(text: str) -> bool:
+    """Whether a cell is a number written the way Python writes it back: `7`, `-2`, `0.25`, `1e-05`, not
+    `007`, ` 1` or `1.50`, which stay text (a text column of codes or a label spelled `01` must not change)."""
+    try:
+        return str(int(text)) == text
+    except ValueError:
+        pass
+    try:
+        return repr(float(text)) == text
+    except ValueError:
+        return False
+
+
+def _too_many_fields(text: str, sep: str) -> str | None:
+    """Where the first row with more fields than the header is (pandas names a later line when the first
+    such row made it take the first column for an index)."""
+    records = _csv_records(text, sep)
+    _, header = next(records, (0, []))
+    for line, row in records:
+        if len(row) > len(header):
+            return f"Expected {len(header)} fields in line {line}, saw {len(row)}"
+    return None
+
+
+def _unparsable(path: Path, kind: str, detail: str) -> str:
+    return (
+        f"{path}: cannot parse as {kind} ({detail}); expected as many fields on every line as in the header; "
+        f"quote fields that contain {'tabs' if kind == 'TSV' else 'commas'} or line breaks"
+    )
 
 
 def _read_delimited(path: Path, text: str, sep: str) -> Table:
+    kind = "TSV" if sep == "\t" else "CSV"
     try:
         frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=object, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; expected a header line and at least one row") from None
     except (pd.errors.ParserError, csv.Error) as err:
-        detail = " ".join(str(err).split()).removeprefix("Error tokenizing data. C error: ")
-        kind = "TSV" if sep == "\t" else "CSV"
-        raise DataError(
-            f"{path}: cannot parse as {kind} ({detail}); expected as many fields on every line as in the header; "
-            f"quote fields that contain {'tabs' if kind == 'TSV' else 'commas'} or line breaks"
-        ) from None
+        detail = _one_line(err).removeprefix("Error tokenizing data. C error: ")
+        raise DataError(_unparsable(path, kind, _too_many_fields(text, sep) or detail)) from None
+    if not isinstance(frame.index, pd.RangeIndex):
+        # Rows with one field more than the header: pandas would silently take the first column for an index.
+        raise DataError(_unparsable(path, kind, _too_many_fields(text, sep) or "more fields than the header"))
     # Numbers stay numbers where a whole column is numeric: labels 0/1 and regression targets.
     for column in frame.columns:
         converted = pd.to_numeric(frame[column], errors="coerce")
-        if converted.notna().sum() == frame[column].notna().sum() and frame[column].notna().any():
+        present = frame[column].dropna()
+        if converted.notna().sum() == len(present) and len(present) and all(_plain_number(v) for v in present):
             frame[column] = converted
     # Header is line 1; a row's line is index + 2 unless blank lines or quoted multi-line fields shift it:
     # the exact line is worked out only when an error needs it.
@@ -101,13 +176,40 @@ def _read_delimited(path: Path, text: str, sep: str) -> Table:
     return Table(frame, str(path), row_label)
 
 
+# A \uD800-\uDFFF escape: JSON may spell a lone surrogate, which pandas and tokenizers cannot store.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _json_loads(text: str, where: str, hint: str):
+    """`json.loads`, with the two ways it fails besides a syntax error turned into `DataError`s."""
+    try:
+        payload = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{where}: expected JSON nested a few levels deep, found nesting too deep to read; {hint}") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an integer with more digits than Python converts (sys.get_int_max_str_digits, 4300)
+        raise DataError(f"{where}: expected numbers of ordinary size, found an integer with thousands of digits; {hint}") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(
+                f"{where}: expected text, found an unpaired surrogate escape (\\u{ord(err.object[err.start]):04x}) that is "
+                f"not a character; {hint}"
+            ) from None
+        except RecursionError:
+            pass
+    return payload
+
+
 def _read_jsonl(path: Path, text: str) -> Table:
     records, lines = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = _json_loads(line, f"{path}: line {number}", "fix or remove the line")
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: line {number}: expected one JSON object per line, found invalid JSON ({err.msg}); fix or remove the line") from None
         if not isinstance(record, dict):
@@ -121,7 +223,7 @@ def _read_jsonl(path: Path, text: str) -> Table:
 
 def _read_json(path: Path, text: str) -> Table:
     try:
-        payload = json.loads(text)
+        payload = _json_loads(text, str(path), "reshape the file into a list of records, or one JSON object per line (.jsonl)")
     except json.JSONDecodeError as err:
         # A .json file holding JSON Lines is common enough to accept.
         if err.msg == "Extra data":
@@ -133,6 +235,13 @@ def _read_json(path: Path, text: str) -> Table:
     if isinstance(payload, dict) and isinstance(payload.get("data"), list):
         payload = payload["data"]
     if isinstance(payload, dict) and all(isinstance(v, list) for v in payload.values()):
+        lengths = {len(v) for v in payload.values()}
+        if len(lengths) > 1:
+            found = ", ".join(f"'{shown(k)}': {len(v)}" for k, v in list(payload.items())[:5])
+            raise DataError(
+                f"{path}: expected every column list to have the same length (one value per row), found lengths {found}; "
+                "make the lists equally long"
+            )
         frame = pd.DataFrame(payload)
     elif isinstance(payload, list) and all(isinstance(r, dict) for r in payload):
         frame = pd.DataFrame.from_records(payload)
@@ -149,7 +258,7 @@ def _json_shape(payload) -> str:
         odd = next((r for r in payload if not isinstance(r, dict)), None)
         return f"a list holding a {type(odd).__name__}" if odd is not None else "a list"
     if isinstance(payload, dict):
-        return f"an object with keys {', '.join(map(str, list(payload)[:5]))}"
+        return f"an object with keys {', '.join(map(shown, list(payload)[:5]))}"
     return f"a {type(payload).__name__}"
 
 
@@ -157,14 +266,21 @@ def _read_parquet(path: Path) -> Table:
     try:
         frame = pd.read_parquet(path)
     except Exception as err:  # pyarrow raises many types for corrupt files
-        raise DataError(f"{path}: cannot read as Parquet ({type(err).__name__}: {err}); is the file complete?") from None
+        detail = _one_line(err)
+        raise DataError(f"{path}: cannot read as Parquet ({type(err).__name__}: {detail}); is the file complete?") from None
     return Table(frame, str(path), lambda i: f"row {i + 1}")
 
 
 def _existing_file(path: str | Path, field: str) -> Path:
+    if "\x00" in str(path):
+        raise DataError(f"{field}: the path '{shown(path)}' contains a NUL character; expected a file path; fix {field}")
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{field}: file '{path}' not found (working directory {Path.cwd()}); check the path or set {field}")
+    try:
+        exists = path.exists()
+    except OSError as err:  # a name too long for the file system, a loop of symlinks
+        raise DataError(f"{field}: cannot use the path '{shown(path)[:200]}' ({err.strerror or err}); expected a file path; fix {field}") from None
+    if not exists:
+        raise DataError(f"{field}: file '{shown(path)}' not found (working directory {Path.cwd()}); check the path or set {field}")
     if path.is_dir():
         raise DataError(f"{field}: '{path}' is a folder but not a dataset saved with `save_to_disk`; point at a file")
     return path
@@ -175,15 +291,34 @@ def read_file(path: str | Path, encoding: str = "utf-8", field: str = "data.trai
     path = _existing_file(path, field)
     suffix = path.suffix.lower()
     if suffix in {".parquet", ".pq"}:
-        return _read_parquet(path)
+        return _checked(_read_parquet(path), path)
     if suffix not in TABLE_SUFFIXES:
         raise DataError(f"{field}: '{path}' has suffix '{suffix}'; expected one of .csv .tsv .json .jsonl .parquet")
     text = _decode(path, encoding)
     if suffix in {".jsonl", ".ndjson"}:
-        return _read_jsonl(path, text)
-    if suffix == ".json":
-        return _read_json(path, text)
-    return _read_delimited(path, text, "\t" if suffix in {".tsv", ".txt"} else ",")
+        table = _read_jsonl(path, text)
+    elif suffix == ".json":
+        table = _read_json(path, text)
+    else:
+        table = _read_delimited(path, text, "\t" if suffix in {".tsv", ".txt"} else ",")
+    return _checked(table, path)
+
+
+def _checked(table: Table, path: Path) -> Table:
+    """Refuse tables no task can use: no rows, or column names that cannot be printed on one line."""
+    if not len(table.frame):
+        raise DataError(f"{path}: no rows; expected a header (or keys) and at least one row of data; add rows or point at another file")
+    for column in table.frame.columns:
+        name = str(column)
+        if "\t" in name and path.suffix.lower() == ".csv":
+            raise DataError(
+                f"{path}: column name '{shown(name)}' holds tabs; expected comma-separated columns; is it a TSV file? rename it .tsv"
+            )
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            raise DataError(
+                f"{path}: column name '{shown(name)}' holds a line break or control character; expected a plain column name; rename the column"
+            )
+    return table
 
 
 CONLL_SUFFIXES = {".conll", ".iob", ".iob2", ".bio", ".bioes", ".txt", ".tsv"}
@@ -197,7 +332,7 @@ def read_conll(path: str | Path, encoding: str = "utf-8", field: str = "data.tra
     text = _decode(path, encoding)
     sentences: list[list[tuple[int, list[str]]]] = []
     current: list[tuple[int, list[str]]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         parts = [p.strip() for p in line.split("\t")] if "\t" in line else line.split()
         if not line.strip() or parts[0] == "-DOCSTART-":
             if current:

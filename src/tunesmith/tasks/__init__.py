@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from .base import Task
 from .classification import ClassificationTask
+from .question_answering import QuestionAnsweringTask
 from .token_classification import TokenClassificationTask
 
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,
     "token_classification": TokenClassificationTask,
+    "question_answering": QuestionAnsweringTask,
 }
 
 

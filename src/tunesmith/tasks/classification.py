@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ from torch.nn import functional as F
 from ..config import ClassificationTaskConfig
 from ..data.loaders import Table
 from ..data.tokenize import cached_map
-from ..errors import DataError
+from ..errors import DataError, shown, summarise as _summarise
 from ..metrics.classification import (
     ScoreAccumulator,
     multi_label_metrics,
@@ -25,7 +26,6 @@ from ..metrics.classification import (
 )
 from .base import Task
 
-MAX_LISTED = 10  # problems listed one per line before summarising the rest
 IMBALANCE_RATIO = 10.0
 
 
@@ -57,7 +57,7 @@ def _is_listlike(value) -> bool:
 
 def _sort_labels(keys: set[str]) -> list[str]:
     # Integer labels sort numerically (so "0","1",... keep their ids), others alphabetically.
-    if all(k.lstrip("-").isdigit() for k in keys):
+    if all(re.fullmatch(r"-?[0-9]+", k) for k in keys):
         return sorted(keys, key=int)
     return sorted(keys)
 
@@ -130,10 +130,17 @@ class ClassificationTask(Task):
             for i, value in enumerate(frame[column]):
                 if _is_missing(value):
                     errors.append(f"{table.where(i)}: column '{column}' is empty; expected text; fill it in or remove the row")
+                elif _is_listlike(value) or isinstance(value, dict):
+                    errors.append(f"{table.where(i)}: column '{column}' is {value!r:.60}; expected text; write the text as one string")
         label_columns = cfg.label_columns or [cfg.label_column]
         for column in label_columns:
             for i, value in enumerate(frame[column]):
-                if _is_listlike(value):
+                if _is_listlike(value) or isinstance(value, dict):
+                    if isinstance(value, dict) or any(_is_listlike(v) or isinstance(v, dict) for v in value):
+                        errors.append(
+                            f"{table.where(i)}: column '{column}' is {value!r:.60}; expected a label (text or number) or a list "
+                            "of labels; write the label as text"
+                        )
                     continue
                 if _is_missing_label(value):
                     errors.append(f"{table.where(i)}: column '{column}' has no label (empty or NaN); expected a label; fill it in or remove the row")
@@ -191,7 +198,7 @@ class ClassificationTask(Task):
         if problem == "single_label" and len(counts) < 2:
             only = next(iter(counts), "(none)")
             errors.append(
-                f"{tables['train'].source}: column '{cfg.label_column}' has a single class ('{only}'); "
+                f"{tables['train'].source}: column '{cfg.label_column}' has a single class ('{shown(only)}'); "
                 "expected at least 2 classes to learn from; add examples of other classes or use task.problem_type=regression"
             )
         for split in ("validation", "test"):
@@ -202,7 +209,7 @@ class ClassificationTask(Task):
             if most / least >= IMBALANCE_RATIO:
                 rare = min(counts, key=counts.get)
                 warnings.append(
-                    f"class imbalance: '{rare}' has {least} train examples vs {most} for the largest class "
+                    f"class imbalance: '{shown(rare)}' has {least} train examples vs {most} for the largest class "
                     f"({most / least:.0f}:1); consider task.class_weights=balanced"
                 )
         return labels, errors, warnings
@@ -212,8 +219,8 @@ class ClassificationTask(Task):
         column = ", ".join(cfg.label_columns) if cfg.label_columns else cfg.label_column
         for i, row_labels in enumerate(self._row_labels(cfg, table, problem)):
             errors += [
-                f"{table.where(i)}: column '{column}' has label '{label}', which does not occur in train "
-                f"(train labels: {', '.join(labels)}); "
+                f"{table.where(i)}: column '{column}' has label '{shown(label)}', which does not occur in train "
+                f"(train labels: {', '.join(map(shown, labels))}); "
                 "fix the label, add train examples of it, or remove the row"
                 for label in row_labels
                 if label not in known
@@ -408,11 +415,3 @@ def _duplicate_warnings(cfg: ClassificationTaskConfig, tables: dict[str, Table])
         f"{len(overlap)} validation texts also occur in train (e.g. {tables['validation'].where(overlap[0])}); "
         "validation scores will be optimistic — de-duplicate the splits"
     ]
-
-
-def _summarise(problems: list[str]) -> list[str]:
-    # Splits carved from one file repeat its file-level problems (a missing column): report each once.
-    problems = list(dict.fromkeys(problems))
-    if len(problems) <= MAX_LISTED:
-        return problems
-    return problems[:MAX_LISTED] + [f"... and {len(problems) - MAX_LISTED} more problems like these"]

@@ -28,11 +28,10 @@ from transformers import DataCollatorForTokenClassification
 from ..config import TokenClassificationTaskConfig
 from ..data.loaders import CONLL_SUFFIXES, Table, read_conll, read_file
 from ..data.tokenize import cached_map
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, shown, summarise as _summarise
 from ..metrics.token_classification import TagAccumulator, entity_metrics
 from .base import Task
 
-MAX_LISTED = 10
 IGNORE = -100
 TAG = re.compile(r"^([BIES])-(.+)$")
 # Words of raw text: letters/digits with their combining accents, or any other single visible character.
@@ -152,13 +151,6 @@ def _is_listlike(value) -> bool:
 
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
-
-
-def _summarise(problems: list[str]) -> list[str]:
-    problems = list(dict.fromkeys(problems))
-    if len(problems) <= MAX_LISTED:
-        return problems
-    return problems[:MAX_LISTED] + [f"... and {len(problems) - MAX_LISTED} more problems like these"]
 
 
 # --------------------------------------------------------------------------- sub-token windows
@@ -318,18 +310,18 @@ class TokenClassificationTask(Task):
             if not cfg.repair:
                 for j in orphan_positions(s.tags, scheme):
                     prefix, kind = _parts(s.tags[j])
-                    previous = f"'{s.tags[j - 1]}'" if j else "the sentence start"
+                    previous = f"'{shown(s.tags[j - 1])}'" if j else "the sentence start"
                     errors.append(
-                        f"{s.where(j)}: tag '{s.tags[j]}' follows {previous}; expected B-{kind} (or {prefix}-{kind} after "
+                        f"{s.where(j)}: tag '{shown(s.tags[j])}' follows {previous}; expected B-{kind} (or {prefix}-{kind} after "
                         f"B-{kind}/I-{kind}) in scheme {scheme}; change it to B-{kind}, or set task.repair=true to do that for every such tag"
                     )
             if known is not None:
                 allowed = set(known)
                 for j, tag in enumerate(s.tags):
                     if tag not in allowed:
-                        shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
+                        listed = ", ".join(map(shown, known[:20])) + (" ..." if len(known) > 20 else "")
                         errors.append(
-                            f"{s.where(j)}: tag '{tag}' does not occur in train (train tags: {shown}); "
+                            f"{s.where(j)}: tag '{shown(tag)}' does not occur in train (train tags: {listed}); "
                             "fix the tag, add train sentences with it, or remove the sentence"
                         )
         return errors
@@ -346,7 +338,7 @@ class TokenClassificationTask(Task):
         if scheme == "none" and cfg.convert_scheme != "keep":
             raise DataError(
                 f"task.convert_scheme={cfg.convert_scheme}: the tags have no B-/I-/E-/S- prefixes (e.g. "
-                f"'{next(t for t in all_tags if t != 'O')}'), so there are no entities to convert; set task.convert_scheme=keep"
+                f"'{shown(next(t for t in all_tags if t != 'O'))}'), so there are no entities to convert; set task.convert_scheme=keep"
             )
         errors = self._tag_errors(cfg, parsed["train"], scheme, None)
         prepared = {split: self._prepare(cfg, sents, scheme) for split, sents in parsed.items()}
@@ -357,7 +349,7 @@ class TokenClassificationTask(Task):
                 errors += self._tag_errors(cfg.model_copy(update={"repair": True}), prepared[split], scheme, labels)
         if len(labels) < 2 and not errors:
             errors.append(
-                f"{tables['train'].source}: every train tag is '{labels[0] if labels else '(none)'}'; expected at least two "
+                f"{tables['train'].source}: every train tag is '{shown(labels[0]) if labels else '(none)'}'; expected at least two "
                 "different tags to learn; check task.conll_tag_column or the tags"
             )
         if errors:
@@ -609,7 +601,13 @@ def _conll_sentences(cfg: TokenClassificationTaskConfig, table: Table) -> tuple[
                 f"column {tag}), found {len(fields[j])}: {' '.join(fields[j])!r}; put one token and its tag on the line, "
                 "separated by a tab (a token with spaces needs tab separators)"
             )
-        if not bad:
+        empty = [j for j, f in enumerate(fields) if len(f) == expected and not (f[token] and f[tag])]
+        for j in empty:  # a stray tab: the tokenizer would drop an empty word, and its tag with it
+            errors.append(
+                f"{source} line {lines[j]}: the token (column {token}) or the tag (column {tag}) is empty; expected a visible "
+                "token and its tag; remove the stray tab, or the line"
+            )
+        if not bad and not empty:
             sentences.append(Sentence([f[token] for f in fields], [f[tag] for f in fields], lambda j, ln=lines: f"{source} line {ln[j]}"))
     return sentences, errors
 

@@ -1,0 +1,48 @@
+"""Graceful stop on SIGINT/SIGTERM: the loop finishes its step, writes a checkpoint and exits.
+
+A second Ctrl-C stops at once (the default behaviour), for a user who does not want to wait.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from .errors import TunesmithError
+
+# Shell convention: 128 + signal number.
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class TrainingInterrupted(TunesmithError):
+    """Training stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = EXIT_CODES.get(signum, 130)
+
+
+class StopSignals:
+    """Context manager: records SIGINT/SIGTERM instead of dying mid-step (main thread only;
+    elsewhere, e.g. in a notebook's worker thread, signals keep their default behaviour)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in EXIT_CODES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

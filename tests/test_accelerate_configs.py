@@ -1,0 +1,235 @@
+"""configs/accelerate/*.yaml: accelerate reads each into the intended set-up; the CPU DDP one trains.
+
+What runs here (CPU, no GPU): `accelerate launch` with ddp_cpu.yaml on 2 gloo processes, checked
+against a one-process run like tests/test_distributed.py; FSDP2's in-place sharding of a tiny BERT
+on 2 gloo processes (torch alone: accelerate does not select FSDP without CUDA) to check the
+gather/scatter of sharded weights. The GPU configs are checked as far as accelerate's own launch
+code takes them (arguments, environment, plugins) and tunesmith's refusal of what it cannot run.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import DistributedType
+
+from test_distributed import assert_matches_single_run, launch_env, single_and_ddp_config
+from tunesmith import distributed
+from tunesmith.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = ROOT / "configs" / "accelerate"
+
+# name: (distributed_type, use_cpu, machines, processes, mixed_precision)
+EXPECTED = {
+    "ddp_cpu": (DistributedType.MULTI_GPU, True, 1, 2, "no"),  # MULTI_GPU = accelerate's torchrun launcher; see the file
+    "ddp_multi_gpu": (DistributedType.MULTI_GPU, False, 1, 8, "bf16"),
+    "ddp_multi_node": (DistributedType.MULTI_GPU, False, 2, 16, "bf16"),
+    "fsdp": (DistributedType.FSDP, False, 1, 8, "bf16"),
+    "deepspeed_zero2": (DistributedType.DEEPSPEED, False, 1, 8, "bf16"),
+    "deepspeed_zero3": (DistributedType.DEEPSPEED, False, 1, 8, "bf16"),
+}
+
+
+def test_every_config_is_checked():
+    assert {p.stem for p in ACCELERATE.glob("*.yaml")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_config_loads_with_accelerate(name):
+    config = load_config_from_file(str(ACCELERATE / f"{name}.yaml"))
+    assert isinstance(config, ClusterConfig)
+    kind, use_cpu, machines, processes, precision = EXPECTED[name]
+    assert (config.distributed_type, config.use_cpu, config.num_machines, config.num_processes, config.mixed_precision) == (
+        kind, use_cpu, machines, processes, precision)
+
+
+def _launch_args(name: str):
+    """`accelerate launch --config_file <name>` parsed and validated as accelerate itself does."""
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(ACCELERATE / f"{name}.yaml"), "-m", "tunesmith.cli", "train", "run.yaml"])
+    # Keys in fsdp_config / deepspeed_config become launch arguments; accelerate ignores unknown ones silently.
+    known = {action.dest for action in parser._actions}
+    config = load_config_from_file(str(ACCELERATE / f"{name}.yaml"))
+    nested = [k if k.startswith("fsdp") else f"fsdp_{k}" for k in config.fsdp_config] + list(config.deepspeed_config)
+    assert not [k for k in nested if k not in known], f"{name}: keys accelerate does not know"
+    args, defaults, _ = _validate_launch_command(args)
+    return args, defaults
+
+
+def _environment(name: str) -> dict:
+    """The environment `accelerate launch` gives each process for this config (what `Accelerator()` reads)."""
+    return _launch(name)[1]
+
+
+def _launch(name: str):
+    """Launch arguments (completed for torchrun) and the environment of each process."""
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args, defaults = _launch_args(name)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        return args, prepare_deepspeed_cmd_env(args)[1]
+    return args, prepare_multi_gpu_env(args)
+
+
+def test_ddp_configs_launch_torchrun_with_the_intended_processes():
+    args, _ = _launch("ddp_cpu")
+    assert args.multi_gpu and args.use_cpu and not args.use_fsdp
+    assert args.nproc_per_node == "2"
+
+    args, _ = _launch("ddp_multi_node")
+    # 16 processes over 2 machines: 8 per machine, rendezvous at the main machine's placeholder address
+    assert (args.nproc_per_node, args.nnodes, args.node_rank) == ("8", "2", 0)
+    assert args.rdzv_endpoint == "10.0.0.1:29500"
+
+
+def test_fsdp_config_builds_the_fsdp2_full_shard_plugin(tiny_bert):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import AutoModelForSequenceClassification
+
+    env = _environment("fsdp")
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    with mock.patch.dict(os.environ, env):
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2
+    assert plugin.reshard_after_forward is True  # full shard
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+    # Transformer-based wrapping takes the model's own block class: one FSDP unit per layer.
+    plugin.set_auto_wrap_policy(AutoModelForSequenceClassification.from_pretrained(tiny_bert))
+    assert plugin.auto_wrap_policy.func.__name__ == "transformer_auto_wrap_policy"
+    assert "BertLayer" in {c.__name__ for c in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]}
+
+
+@pytest.mark.parametrize(("name", "stage"), [("deepspeed_zero2", 2), ("deepspeed_zero3", 3)])
+def test_deepspeed_configs_build_the_zero_plugin(name, stage):
+    from accelerate.utils import DeepSpeedPlugin
+
+    env = _environment(name)
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    with mock.patch.dict(os.environ, env):
+        plugin = DeepSpeedPlugin()  # builds the DeepSpeed config dict; deepspeed itself is not needed
+    zero = plugin.deepspeed_config["zero_optimization"]
+    assert zero["stage"] == stage and plugin.deepspeed_config["gradient_clipping"] == 1.0
+    # Left to tunesmith's train.gradient_accumulation_steps, which fills DeepSpeed's "auto".
+    assert plugin.deepspeed_config["gradient_accumulation_steps"] == "auto"
+    if stage == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+# --------------------------------------------------------------------------- what tunesmith runs and refuses
+
+
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_gpu_strategies_on_cpu_are_refused_not_silently_ddp(name, monkeypatch):
+    # accelerate 1.15 turns FSDP on CPU into plain DDP without a word; tunesmith says so instead.
+    from tunesmith.api import make_accelerator
+
+    for key, value in _environment(name).items():
+        if key.startswith(("ACCELERATE_USE_", "FSDP_", "ACCELERATE_DEEPSPEED_")):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs CUDA GPUs; found no CUDA device.*ddp_cpu.yaml"):
+        make_accelerator("no")
+
+
+def test_strategies_on_gpus():
+    env = lambda name: {k: v for k, v in _environment(name).items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+    distributed.check_launch_strategy(True, env("ddp_multi_gpu"))  # DDP: fine
+    distributed.check_launch_strategy(False, env("ddp_cpu"))
+    with pytest.raises(ConfigError, match="FSDP, which shards the weights"):
+        distributed.check_launch_strategy(True, env("fsdp"))
+    with pytest.raises(ConfigError, match="FSDP version 1.*fsdp_version: 2"):
+        distributed.check_launch_strategy(True, {**env("fsdp"), "FSDP_VERSION": "1"})
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ConfigError, match="DeepSpeed, which is not installed; pip install deepspeed"):
+            distributed.check_launch_strategy(True, env("deepspeed_zero2"))
+    else:
+        distributed.check_launch_strategy(True, env("deepspeed_zero2"))
+        with pytest.raises(ConfigError, match="ZeRO-3, which shards the weights"):
+            distributed.check_launch_strategy(True, env("deepspeed_zero3"))
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_accelerate_launch_ddp_cpu_matches_one_process(tmp_path):
+    single, config_file = single_and_ddp_config(tmp_path)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp_cpu.yaml"),
+               "-m", "tunesmith.cli", "train", str(config_file), "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_matches_single_run(single, tmp_path / "ddp")
+
+
+def _fsdp2_worker(rank: int, world: int, init_file: str, model_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForSequenceClassification
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        model.bert.embeddings.requires_grad_(False)  # frozen weights stay out of the trainable state
+        unsharded_keys = set(model.state_dict())
+        original = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer)
+        fully_shard(model)
+        assert distributed.sharding(model) == "fsdp2"
+        assert type(model.bert.encoder.layer[0].attention.self.query.weight).__name__ == "DTensor"
+
+        gathered = distributed.gather_state(model)
+        assert gathered.keys() == original.keys()
+        assert all(torch.equal(gathered[k], original[k]) for k in original)
+
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ids = torch.randint(5, 60, (4, 9), generator=torch.Generator().manual_seed(rank))
+        model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        optimizer.step()
+        trained = distributed.gather_state(model)
+        assert not torch.equal(trained["classifier.weight"], original["classifier.weight"])
+        # Every process gathered the same full weights.
+        reference = [trained] if rank == 0 else [None]
+        dist.broadcast_object_list(reference, src=0)
+        assert all(torch.equal(trained[k], reference[0][k]) for k in trained)
+
+        # Restore the original weights: process 0 alone holds them, the others receive their shards.
+        distributed.load_trainable_state(model, original if rank == 0 else None)
+        restored = distributed.gather_state(model)
+        assert all(torch.equal(restored[k], original[k]) for k in original)
+        full = distributed.gather_state(model, trainable_only=False)
+        assert set(full) == unsharded_keys and all(v.device.type == "cpu" for v in full.values())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_weights_gather_and_restore_on_cpu(tiny_bert, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp2_worker, args=(2, str(tmp_path / "rendezvous"), str(tiny_bert)), nprocs=2, join=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_deepspeed_zero2_run(tmp_path):
+    pytest.importorskip("deepspeed")
+    single, config_file = single_and_ddp_config(tmp_path)
+    config = load_config_from_file(str(ACCELERATE / "deepspeed_zero2.yaml"))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "deepspeed_zero2.yaml"),
+               "--num_processes", "2", "--mixed_precision", "no", "-m", "tunesmith.cli", "train", str(config_file), "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=600, cwd=tmp_path)
+    assert config.deepspeed_config["zero_stage"] == 2
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["validation"]["samples"] == single.metrics["validation"]["samples"]
+    assert (tmp_path / "ddp" / "model" / "config.json").is_file()

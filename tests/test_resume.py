@@ -1,0 +1,334 @@
+"""Checkpoints and exact resume: signals, SIGKILL, lock file, config/data checks, pruning."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tunesmith
+from tunesmith.checkpoint import latest_checkpoint, remove_partial, step_dirs
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.interrupt import TrainingInterrupted
+from tunesmith.lock import RunLock
+from tiny import sentiment_rows, tiny_config, write_csv
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TESTS = Path(__file__).resolve().parent
+
+
+def _cfg(tiny_bert, train_csv, out, **train):
+    # Dropout stays on: the resumed run must replay the same dropout masks, not just the same data.
+    return tiny_config(tiny_bert, train_csv, out, train={
+        "num_train_epochs": 3, "save_steps": 2, "logging_steps": 1, "save_total_limit": 2, **train})
+
+
+def _weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def _train_losses(run_dir: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["type"] == "train"]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), f"{name} differs after resume"
+    assert _train_losses(a) == _train_losses(b)
+    ma, mb = (json.loads((d / "metrics.json").read_text())["validation"] for d in (a, b))
+    assert ma == mb
+
+
+def _interrupt_at_step(monkeypatch, step: int, signum=signal.SIGINT):
+    """Deliver a signal to this process during the given optimizer step (as Ctrl-C would)."""
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def step_then_signal(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            signal.raise_signal(signum)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+
+
+@pytest.mark.parametrize(
+    "options, stop_at, batches_in_epoch",
+    [
+        ({}, 7, 1),  # 6 steps per epoch: one batch into the second epoch
+        ({"gradient_accumulation_steps": 2, "eval_strategy": "steps", "eval_steps": 2}, 4, 2),
+        ({"precision": "bf16"}, 5, 5),
+    ],
+    ids=["plain", "accumulation+step-eval", "bf16"],
+)
+def test_sigint_checkpoints_and_resume_is_bitwise_exact(tiny_bert, sentiment_csv, tmp_path, monkeypatch, options, stop_at, batches_in_epoch):
+    reference = tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "ref", **options), show_progress=False)
+    assert not (reference.run_dir / "checkpoints").exists()  # a finished run keeps only its model
+
+    _interrupt_at_step(monkeypatch, stop_at)
+    with pytest.raises(TrainingInterrupted, match=rf"SIGINT received: stopped after step {stop_at}.*--resume") as caught:
+        tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "run", **options), show_progress=False)
+    assert caught.value.exit_code == 130
+    monkeypatch.undo()
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert checkpoint.step == stop_at and checkpoint.state["loop"]["batches_in_epoch"] == batches_in_epoch
+    assert not (tmp_path / "run" / ".lock").exists()  # released on the way out
+
+    resumed = tunesmith.train(resume=tmp_path / "run", show_progress=False)
+    _assert_same_run(reference.run_dir, resumed.run_dir)
+    provenance = json.loads((resumed.run_dir / "provenance.json").read_text())
+    assert any("resumed from" in note for note in provenance["notes"])
+
+
+def test_resume_auto_starts_fresh_then_refuses_finished(tiny_bert, sentiment_csv, tmp_path):
+    cfg = _cfg(tiny_bert, sentiment_csv, tmp_path / "run", num_train_epochs=1)
+    first = tunesmith.train(cfg, resume="auto", show_progress=False)  # nothing to resume: a new run
+    assert (first.run_dir / "model").is_dir()
+    with pytest.raises(ConfigError, match="finished run"):
+        tunesmith.train(cfg, resume="auto", show_progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        tunesmith.train(cfg, show_progress=False)
+    again = tunesmith.train(cfg, overwrite=True, show_progress=False)
+    assert again.metrics["train"]["global_step"] == first.metrics["train"]["global_step"]
+
+
+def test_resume_refuses_changed_config_and_data(tiny_bert, tmp_path, monkeypatch):
+    train_csv = write_csv(tmp_path / "train.csv", sentiment_rows(64))
+    _interrupt_at_step(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted):
+        tunesmith.train(_cfg(tiny_bert, train_csv, tmp_path / "run"), show_progress=False)
+    monkeypatch.undo()
+    changed = _cfg(tiny_bert, train_csv, tmp_path / "run", learning_rate=1e-3)
+    with pytest.raises(ConfigError, match=r"train.learning_rate: 0.003 -> 0.001"):
+        tunesmith.train(changed, resume=tmp_path / "run", show_progress=False)
+    # Checkpoint cadence may change: it does not change the result.
+    write_csv(train_csv, sentiment_rows(64, seed=5))
+    with pytest.raises(DataError, match="train.*data changed"):
+        tunesmith.train(_cfg(tiny_bert, train_csv, tmp_path / "run", save_steps=5), resume=tmp_path / "run", show_progress=False)
+
+
+def test_lock_stops_a_second_writer(tiny_bert, sentiment_csv, tmp_path):
+    run_dir = tmp_path / "run"
+    with RunLock(run_dir):
+        with pytest.raises(ConfigError, match=r"being written by another tunesmith run \(pid \d+"):
+            tunesmith.train(_cfg(tiny_bert, sentiment_csv, run_dir), show_progress=False)
+    assert not (run_dir / "config.yaml").exists()
+
+
+def test_save_total_limit_keeps_newest_and_best(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+    _interrupt_at_step(monkeypatch, 17)
+    cfg = _cfg(tiny_bert, sentiment_csv, tmp_path / "run", save_steps=1, save_total_limit=2,
+               metric_for_best_model="loss")
+    with pytest.raises(TrainingInterrupted):
+        tunesmith.train(cfg, show_progress=False)
+    state = latest_checkpoint(tmp_path / "run" / "checkpoints").state["loop"]
+    kept = [step for step, _ in step_dirs(tmp_path / "run" / "checkpoints")]
+    assert kept[-2:] == [16, 17]
+    assert set(kept) == {16, 17, state["best_step"]}
+
+
+def test_partial_checkpoint_is_ignored_and_cleaned(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step-000004").mkdir(parents=True)
+    (checkpoints / "step-000004" / "state.json").write_text(json.dumps({"global_step": 4, "loop": {}}))
+    (checkpoints / "step-000006.tmp-123").mkdir()
+    (checkpoints / "step-000006.tmp-123" / "state.json").write_text("{half")
+    assert latest_checkpoint(checkpoints).step == 4
+    remove_partial(checkpoints)
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000004"]
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [(OSError(28, "No space left on device"), "disk is full"), (MemoryError(), "out of memory")],
+    ids=["disk-full", "out-of-memory"],
+)
+def test_failed_save_keeps_previous_checkpoint(tiny_bert, sentiment_csv, tmp_path, monkeypatch, fault, message):
+    from tunesmith import checkpoint as checkpoint_module
+    from tunesmith.checkpoint import CheckpointError
+
+    real_save = checkpoint_module.save_file
+    calls = {"n": 0}
+
+    def save_then_fail(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real_save(tensors, path, *args, **kwargs)  # a half-written folder, then the fault
+            raise fault
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", save_then_fail)
+    with pytest.raises(CheckpointError, match=rf"step 4 .*{message}.*step-000002 is intact.*--resume"):
+        tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "run"), show_progress=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith("step-")] == ["step-000002"]
+    assert load_file(str(checkpoints / "step-000002" / "trainable.safetensors"))
+    monkeypatch.undo()
+    resumed = tunesmith.train(resume=tmp_path / "run", show_progress=False)
+    assert resumed.metrics["train"]["global_step"] == 18
+
+
+def test_nonfinite_loss_skipped_then_stops(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+    from tunesmith.tasks.classification import ClassificationTask
+    from tunesmith.training import TrainingDiverged
+
+    real_loss_fn = ClassificationTask.loss_fn
+    poisoned_calls = {3, 4}
+
+    def poisoned(self, cfg, state, train):
+        inner = real_loss_fn(self, cfg, state, train)
+        calls = {"n": 0}
+
+        def loss(logits, labels):
+            if train is not None and logits.requires_grad:
+                calls["n"] += 1
+                if calls["n"] in poisoned_calls:
+                    return inner(logits, labels) * float("nan")
+            return inner(logits, labels)
+
+        return loss
+
+    monkeypatch.setattr(ClassificationTask, "loss_fn", poisoned)
+    result = tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "skip", num_train_epochs=1), show_progress=False)
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "skipped"] == [3, 4]
+    assert all(torch.isfinite(w).all() for w in _weights(result.run_dir).values())
+
+    with pytest.raises(TrainingDiverged, match=r"stopped at step 4: 2 steps .*learning rate at the time .*last good checkpoint"):
+        tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "stop", max_nonfinite_steps=1), show_progress=False)
+    assert [s for s, _ in step_dirs(tmp_path / "stop" / "checkpoints")] == [2]
+
+
+# --------------------------------------------------------------------------- real processes
+
+# A `tunesmith` CLI process whose optimizer steps are slowed down (STEP_DELAY seconds), so the test
+# can kill it mid-run; one thread, like the in-process reference, so results are bitwise comparable.
+CHILD = textwrap.dedent(
+    """
+    import os, sys, time, torch
+    torch.set_num_threads(1)
+    DELAY = float(os.environ.get("STEP_DELAY", "0"))
+    _step = torch.optim.AdamW.step
+    def slow_step(self, *args, **kwargs):
+        time.sleep(DELAY)
+        return _step(self, *args, **kwargs)
+    torch.optim.AdamW.step = slow_step
+    from tunesmith.cli import main
+    sys.argv[0] = "tunesmith"
+    main()
+    """
+)
+
+
+def _child(args: list[str], tmp_path: Path, delay: float = 0.0, **kwargs) -> subprocess.Popen:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{TESTS}", "STEP_DELAY": str(delay), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _write_cfg(tmp_path: Path, name: str, cfg: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _wait_for_step(run_dir: Path, process: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = step_dirs(run_dir / "checkpoints")
+        if found and found[-1][0] >= step:
+            return
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_bert, sentiment_csv, tmp_path):
+    cfg = _cfg(tiny_bert, sentiment_csv, tmp_path / "ref", save_steps=3)
+    reference = _child(["train", str(_write_cfg(tmp_path, "ref", cfg)), "-q"], tmp_path)
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+
+    cfg["output"]["dir"] = str(tmp_path / "run")
+    victim = _child(["train", str(_write_cfg(tmp_path, "run", cfg)), "-q"], tmp_path, delay=0.15)
+    _wait_for_step(tmp_path / "run", victim, 9)
+    time.sleep(0.4)  # somewhere inside a later step, maybe inside a checkpoint write
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    resumed = _child(["train", "--resume", str(tmp_path / "run"), "-q"], tmp_path)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    _assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_sigterm_writes_checkpoint_and_exits_with_resume_hint(tiny_bert, sentiment_csv, tmp_path):
+    cfg = _cfg(tiny_bert, sentiment_csv, tmp_path / "run", save_steps=0)
+    victim = _child(["train", str(_write_cfg(tmp_path, "run", cfg)), "-q"], tmp_path, delay=0.15)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "log.jsonl").exists() or "train" not in (tmp_path / "run" / "log.jsonl").read_text():
+        assert time.time() < deadline and victim.poll() is None
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGTERM)
+    output = victim.communicate(timeout=60)[0]
+    assert victim.returncode == 143, output
+    assert "SIGTERM received" in output and f"tunesmith train --resume {tmp_path / 'run'}" in output.replace("\n", "")
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert checkpoint is not None and checkpoint.step >= 1
+
+
+SITECUSTOMIZE = textwrap.dedent(
+    """
+    # Loaded by every process of the run (torchrun workers too): SIGTERM to itself at a given step.
+    import os, signal
+    STEP = int(os.environ.get("SIGNAL_AT_STEP", "0"))
+    if STEP:
+        import torch
+        _step, _calls = torch.optim.AdamW.step, [0]
+        def step_then_signal(self, *args, **kwargs):
+            _calls[0] += 1
+            if _calls[0] == STEP:
+                signal.raise_signal(signal.SIGTERM)
+            return _step(self, *args, **kwargs)
+        torch.optim.AdamW.step = step_then_signal
+    """
+)
+
+
+def test_ddp_sigterm_and_resume_matches_uninterrupted(tiny_bert, sentiment_csv, tmp_path):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+
+    def run(args: list[str], signal_at: int = 0) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(SRC)]), "OMP_NUM_THREADS": "1",
+               "SIGNAL_AT_STEP": str(signal_at)}
+        return subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", *args, "--nproc", "2", "-q"],
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    cfg = _cfg(tiny_bert, sentiment_csv, tmp_path / "ref", num_train_epochs=2, per_device_train_batch_size=4)
+    reference = run([str(_write_cfg(tmp_path, "ref", cfg))])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    cfg["output"]["dir"] = str(tmp_path / "run")
+    stopped = run([str(_write_cfg(tmp_path, "run", cfg))], signal_at=8)
+    assert stopped.returncode != 0 and "SIGTERM received: stopped after step 8" in stopped.stderr, stopped.stderr[-3000:]
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").step == 8
+    assert {p.name for p in (tmp_path / "run" / "checkpoints" / "step-000008").glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
+
+    resumed = run(["--resume", str(tmp_path / "run")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_run(tmp_path / "ref", tmp_path / "run")
