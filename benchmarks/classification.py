@@ -124,8 +124,10 @@ def run_trainer(paths: dict[str, Path], out: Path, epochs: float | None = None, 
     start = time.perf_counter()
     output = trainer.train()
     train_seconds = time.perf_counter() - start
-    logits = trainer.predict(data["test"]).predictions
-    accuracy = float((np.argmax(logits, -1) == np.array(data["test"]["label"])).mean())
+    # Compare with the labels predict() returns in its own order: with group_by_length transformers 5
+    # also reorders evaluation, and comparing with data["test"]["label"] gave chance accuracy.
+    prediction = trainer.predict(data["test"])
+    accuracy = float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())
     return {
         "system": "Trainer (best)" if best else "transformers.Trainer (defaults)",
         "learning_rate": SETTINGS["lr"],

@@ -463,6 +463,8 @@ def test_overfit_save_reload_predict(method, tiny_bert, qa_body, tmp_path):
     again = tunesmith.load(result.run_dir).predict([{"question": q, "context": c} for q, c in pairs])
     assert again == predictions
     assert_plain_model_agrees(result.run_dir, rows, predictions)
+    card = (result.run_dir / "README.md").read_text()
+    assert "from tunesmith.qa import answer" in card and "pipeline(" not in card and "regression" not in card
     if method in {"lora", "dora", "ia3"}:
         config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
         assert config["task_type"] == "QUESTION_ANS" and "qa_outputs" in config["modules_to_save"]

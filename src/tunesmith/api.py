@@ -224,10 +224,11 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
     # the main process once every process has passed the check above).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        cleanup.enter_context(RunLock(run_dir))  # first: no other run may write here from now on
         if checkpoint is None:
+            check_run_dir(cfg)  # again: another run may have finished in this folder since the first check
             create_run_dir(run_dir, cfg.output.overwrite)
             save_config(run_dir, cfg)
-        cleanup.enter_context(RunLock(run_dir))
     accelerator.wait_for_everyone()
     run_fingerprint = fingerprint(cfg, tables)
     if checkpoint is not None:
@@ -287,6 +288,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         "epochs": loop.epochs_completed,
         "samples_per_second": loop.samples_per_second,
         "train_seconds": loop.train_seconds,
+        "eval_seconds": loop.eval_seconds,
         "padding_share": loop.padding_share,
         "stopped_early": loop.stopped_early,
         "best_step": loop.best_step,

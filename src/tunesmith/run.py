@@ -32,6 +32,7 @@ from typing import Any
 
 from .config import SCHEMA_VERSION, RunConfig, dump_config
 from .errors import ConfigError
+from .lock import LOCK_NAME
 
 PACKAGES = ("tunesmith", "torch", "transformers", "datasets", "accelerate", "peft", "tokenizers", "scikit-learn", "numpy", "pydantic")
 
@@ -89,17 +90,25 @@ def check_replaceable(run_dir: Path) -> None:
         )
 
 
+def _entries(run_dir: Path) -> list[Path]:
+    """What the folder holds besides the lock of the run that is about to write it."""
+    return [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
+
+
 def check_run_dir(cfg: RunConfig) -> Path:
     """Fail fast, before data or models load, if the run directory would be overwritten (or is not safe to replace)."""
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output.dir: '{run_dir}' exists and is a file; choose another output.dir")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and _entries(run_dir):
         if cfg.output.overwrite:
             check_replaceable(run_dir)
         elif is_run_dir(run_dir):
+            resumable = (run_dir / "checkpoints").is_dir() and not (run_dir / "metrics.json").exists()
             raise ConfigError(
-                f"output.dir: '{run_dir}' already holds a run; choose a new output.dir or set output.overwrite=true to replace it"
+                f"output.dir: '{run_dir}' already holds a run; "
+                + (f"continue it with `tunesmith train --resume {run_dir}`, " if resumable else "")
+                + "replace it with --overwrite (output.overwrite=true), or choose a new output.dir"
             )
         else:
             raise ConfigError(
@@ -111,11 +120,11 @@ def check_run_dir(cfg: RunConfig) -> Path:
 
 def create_run_dir(run_dir: Path, overwrite: bool) -> Path:
     """Create (or, with `overwrite`, empty) the run directory and mark it as a tunesmith run."""
-    if run_dir.is_dir() and overwrite and any(run_dir.iterdir()):
+    if run_dir.is_dir() and overwrite and _entries(run_dir):
         import shutil
 
         check_replaceable(run_dir)  # again here: callers other than `train` may skip `check_run_dir`
-        for child in run_dir.iterdir():
+        for child in _entries(run_dir):
             # A symlink is removed, never followed: what it points at is not part of the run.
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -197,12 +206,30 @@ def _metric_rows(metrics: dict) -> str:
     return "\n".join(["| metric | value |", "|---|---|", *rows])
 
 
-PIPELINE_TASKS = {"classification": "text-classification", "token_classification": "token-classification"}
+PIPELINE_TASKS = {
+    "classification": "text-classification",
+    "token_classification": "token-classification",
+    "question_answering": "question-answering",
+}
+
+# How to use the saved model: a transformers pipeline where transformers 5 still has one; QA has none
+# (removed in transformers 5), so its card shows tunesmith's own QA inference.
+_USAGE = {
+    "question_answering": [
+        "from transformers import AutoModelForQuestionAnswering, AutoTokenizer",
+        "from tunesmith.qa import answer",
+        'model = AutoModelForQuestionAnswering.from_pretrained("PATH/TO/RUN/model")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/RUN/model")',
+        'answer(model, tokenizer, ["Who wrote it?"], ["It was written by Ada Lovelace."])',
+    ],
+}
+_CLI_EXAMPLE = {"question_answering": "--question 'Who wrote it?' --context 'It was written by Ada Lovelace.'"}
 
 
 def model_card(cfg: RunConfig, task_state: dict, metrics: dict, base_model: str, params: str) -> str:
     labels = task_state.get("labels") or []
     pipeline_task = PIPELINE_TASKS.get(cfg.task.name, cfg.task.name)
+    cli_example = _CLI_EXAMPLE.get(cfg.task.name, "--text 'an example sentence'")
     test = metrics.get("test") or {}
     valid = metrics.get("validation") or {}
     lines = [
@@ -217,7 +244,7 @@ def model_card(cfg: RunConfig, task_state: dict, metrics: dict, base_model: str,
         f"- Base model: `{base_model}`",
         f"- Task: {cfg.task.name} ({task_state.get('problem_type') or task_state.get('scheme', '')})",
         f"- Method: {cfg.method.name} — {params}",
-        f"- Labels: {', '.join(labels) if labels else '(regression)'}",
+        *([f"- Labels: {', '.join(labels) if labels else '(regression)'}"] if "labels" in task_state or "problem_type" in task_state else []),
         f"- Data: {cfg.data.train_file or cfg.data.dataset_name}",
         f"- Epochs: {cfg.train.num_train_epochs}, learning rate {cfg.train.learning_rate}, batch {cfg.train.per_device_train_batch_size}, seed {cfg.train.seed}",
         "",
@@ -232,12 +259,14 @@ def model_card(cfg: RunConfig, task_state: dict, metrics: dict, base_model: str,
         "## Use",
         "",
         "```python",
-        "from transformers import pipeline",
-        f'clf = pipeline("{pipeline_task}", model="PATH/TO/RUN/model")',
-        'clf("an example sentence")',
+        *_USAGE.get(cfg.task.name, [
+            "from transformers import pipeline",
+            f'clf = pipeline("{pipeline_task}", model="PATH/TO/RUN/model")',
+            'clf("an example sentence")',
+        ]),
         "```",
         "",
-        "Or with tunesmith: `tunesmith predict RUN_DIR --text 'an example sentence'`.",
+        f"Or with tunesmith: `tunesmith predict RUN_DIR {cli_example}`.",
         "",
         "The resolved config is in `config.yaml`; provenance (package versions, data hashes, CPU) in `provenance.json`.",
         "",

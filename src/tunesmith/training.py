@@ -49,6 +49,7 @@ class LoopResult:
     stopped_early: bool = False
     train_samples: int = 0
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # evaluations inside the loop (part of train_seconds)
     real_tokens: int = 0
     padded_tokens: int = 0
     history: list[dict] = field(default_factory=list)
@@ -63,7 +64,9 @@ class LoopResult:
 
     @property
     def samples_per_second(self) -> float:
-        return self.train_samples / self.train_seconds if self.train_seconds else 0.0
+        """Training throughput: evaluations inside the loop are not counted (as when Trainer runs without them)."""
+        seconds = self.train_seconds - self.eval_seconds
+        return self.train_samples / seconds if seconds > 0 else 0.0
 
     @property
     def padding_share(self) -> float:
@@ -240,6 +243,7 @@ def train_loop(
                 save_best(accelerator.unwrap_model(model), best_path)
         else:
             result.evaluations_without_improvement += 1
+        result.eval_seconds += time.perf_counter() - eval_start
         record = {"type": "eval", "step": result.global_step, "epoch": round(epoch, 4), **_scalars(metrics),
                   "eval_seconds": round(time.perf_counter() - eval_start, 3), "is_best": improved}
         logbook.write(record)
@@ -345,9 +349,9 @@ def train_loop(
                 checkpoint()
                 if _stop_requested(signals, accelerator):
                     _interrupt(signals, checkpoint(), run_dir, result)
+        result.train_seconds = time.perf_counter() - train_start
         # Training is done, the final evaluation and saving are not: a crash there resumes from here.
         checkpoint()
-    result.train_seconds = time.perf_counter() - train_start
     if result.stopped_early:
         log.info("early stopping after %d evaluations without improvement", train_cfg.early_stopping_patience)
     unwrapped = accelerator.unwrap_model(model)
