@@ -30,6 +30,20 @@ def test_pickled_weights_refused_by_default(tiny_bert, sentiment_csv, tmp_path):
     assert tunesmith.train(cfg, show_progress=False).metrics["train"]["global_step"] > 0
     assert (tmp_path / "run" / ".tunesmith-run").is_file()  # `train` marks its run directory
 
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    cfg["model"]["allow_pickle"] = False
+    cfg["output"]["dir"] = str(tmp_path / "cli-run")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    refused = CliRunner().invoke(app, ["train", str(tmp_path / "cfg.yaml"), "-q"])
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.output
+    allowed = CliRunner().invoke(app, ["train", str(tmp_path / "cfg.yaml"), "-q", "--allow-pickle"])
+    assert allowed.exit_code == 0, allowed.output
+    assert (tmp_path / "cli-run" / "model" / "model.safetensors").is_file()
+
 
 def test_remote_code_off_by_default():
     assert RunConfig().model.trust_remote_code is False

@@ -114,7 +114,7 @@ def load_model(cfg: ModelConfig, task: Task, state: dict, tokenizer) -> torch.nn
             raise ConfigError(
                 f"model.name_or_path: '{source}' has only pickled .bin weights, which can run code when loaded; "
                 "tunesmith loads safetensors only. Convert the weights to safetensors, or set model.allow_pickle=true "
-                "if you trust the files"
+                "(tunesmith train --allow-pickle) if you trust the files"
             ) from None
         raise ConfigError(
             f"model.name_or_path: cannot load '{source}' as {task.auto_model_class} ({str(err).splitlines()[0][:200]}); "

@@ -78,6 +78,7 @@ def train(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes on this machine (DDP; gloo on CPU).")] = 1,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue RUN_DIR from its latest checkpoint, or `auto`: the config's output.dir if it has one.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickled .bin weights (they can run code); same as model.allow_pickle=true.")] = False,
 ) -> None:
     """Fine-tune a model as CONFIG says; writes a run directory with the model, metrics and logs."""
     if config is not None and config.is_dir():
@@ -85,6 +86,7 @@ def train(
 
         _fail(ConfigError(f"'{config}' is a directory, expected a YAML config file; to continue a run directory use: "
                           f"tunesmith train --resume {config}"))
+    overrides = [*(overrides or []), *(["model.allow_pickle=true"] if allow_pickle else [])]
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         flags = (["--quiet"] if quiet else []) + (["--resume", resume] if resume else []) + (["--overwrite"] if overwrite else [])
         raise typer.Exit(_launch_distributed(nproc, config, overrides or [], flags))

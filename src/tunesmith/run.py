@@ -11,6 +11,9 @@ Layout of `output.dir`:
     README.md         model card
     model/            plain transformers model + tokenizer (merged, for adapter methods)
     adapter/          peft adapter with the task head (lora, dora, ia3)
+    checkpoints/      resumable checkpoints (see checkpoint.py) and best.safetensors; removed when the run
+                      has finished saving
+    .lock             held (flock) while a run writes the folder (see lock.py)
     .tunesmith-run    marker written when the directory is created: `output.overwrite` replaces only
                       folders that are tunesmith runs (this marker, or config.yaml with task.json or
                       checkpoints/ from runs made before it), and never `/`, the home directory, the
