@@ -58,10 +58,11 @@ def child(system: str, split_dir: Path, epochs: float, out: Path) -> None:
     time is training alone, at the precision (c) chose (a new measurement could choose otherwise)."""
     from classification import run_tunesmith
 
-    paths = {k: split_dir / f"{k}.csv" for k in ("train", "validation", "test")}
-    if system.startswith("tunesmith"):
-        import classification
+    import classification
 
+    paths = {k: split_dir / f"{k}.csv" for k in ("train", "validation", "test")}
+    classification.SETTINGS["seed"] = int(os.environ.get("SPEED_BENCH_SEED", SEED))
+    if system.startswith("tunesmith"):
         classification.SETTINGS["epochs"] = epochs
         name, _, precision = system.partition(":")
         extra = {"tunesmith-compile": {"torch_compile": True}, "tunesmith-scaling": {"eval_strategy": "no"}}.get(name)
@@ -73,7 +74,31 @@ def child(system: str, split_dir: Path, epochs: float, out: Path) -> None:
 
         row = run_trainer(paths, split_dir / "runs", epochs, best=system == "trainer-best")
     row["peak_rss_mb"] = peak_rss_mb()
+    row["seed"] = classification.SETTINGS["seed"]
     out.write_text(json.dumps(row))
+
+
+def summarise(systems: list[str], rows: list[dict]) -> list[dict]:
+    """One row per system: means over seeds, with `mean ± std` texts (sample std; plain value for one seed)."""
+    import statistics
+
+    def text(values: list[float], digits: int) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+    summary = []
+    for system in systems:
+        runs = [r for r in rows if r["system_key"] == system]
+        acc, sps = [r["test_accuracy"] for r in runs], [r["train_samples_per_second"] for r in runs]
+        summary.append({
+            "system": runs[0]["system"], "key": system, "seeds": [r["seed"] for r in runs],
+            "test_accuracy": statistics.mean(acc), "train_samples_per_second": statistics.mean(sps),
+            "accuracy_text": text(acc, 4), "sps_text": text(sps, 1),
+            "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "precision": runs[0]["precision"],
+        })
+    return summary
 
 
 def gemm_peak(precision: str) -> float:
@@ -96,7 +121,7 @@ def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 5
     from tunesmith.assets import bundled_model_path
 
     model = AutoModelForSequenceClassification.from_pretrained(str(bundled_model_path("bundled:all-MiniLM-L6-v2")), num_labels=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)  # as tunesmith's loop
     params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
     rows = []
     for length in lengths:
@@ -117,12 +142,14 @@ def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 5
     return rows
 
 
-def run_child(system: str, split_dir: Path, epochs: float) -> dict:
-    out = split_dir / f"{system.replace(':', '-')}.json"
+def run_child(system: str, split_dir: Path, epochs: float, seed: int = SEED) -> dict:
+    out = split_dir / f"{system.replace(':', '-')}-seed{seed}.json"
     start = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--epochs", str(epochs), "--child", system, str(split_dir), str(out)], check=True)
+    env = {**os.environ, "SPEED_BENCH_SEED": str(seed)}
+    subprocess.run([sys.executable, __file__, "--epochs", str(epochs), "--child", system, str(split_dir), str(out)], check=True, env=env)
     row = json.loads(out.read_text())
     row["process_wall_seconds"] = time.perf_counter() - start
+    row["system_key"] = system
     return row
 
 
@@ -161,6 +188,8 @@ def main() -> None:
                         help="Smoke test: 240 rows, (c) only, sequence lengths 32 and 64; "
                         "writes to a temporary file unless --output.")
     parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/speed.json")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[SEED],
+                        help="Training seeds (the split stays seed 0); with several, the table shows mean ± std.")
     parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "SPLIT_DIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -184,20 +213,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         split_dir = Path(tmp)
         make_split(split_dir, limit)
-        for system in systems:
-            rows.append(run_child(system, split_dir, args.epochs))
-            print(json.dumps(rows[-1]))
+        for seed in args.seeds:
+            for system in systems:
+                rows.append(run_child(system, split_dir, args.epochs, seed))
+                print(json.dumps(rows[-1]))
         precision = next((r["precision"] for r in rows if r["system"].startswith("tunesmith")), "fp32")
         scaling_data = data_scaling(split_dir, args.epochs, precision, args.fractions) if args.fractions else []
-    base = {r["system"].replace("transformers.", ""): r["train_samples_per_second"] for r in rows}
+    summary = summarise(systems, rows)
+    base = {r["system"].replace("transformers.", ""): r["train_samples_per_second"] for r in summary}
     peak = gemm_peak(precision)
     scaling = sequence_scaling(precision, lengths)
-    print("\n| system | test accuracy | train samples/s | vs (a) | vs (b) | train s | peak RSS MB | precision |")
+    print(f"\nseeds {args.seeds}; mean ± std over seeds where several")
+    print("| system | test accuracy | train samples/s | vs (a) | vs (b) | train s | peak RSS MB | precision |")
     print("|---|---|---|---|---|---|---|---|")
-    for system, r in zip(systems, rows):
+    for system, r in zip(systems, summary):
         a, b = base.get("Trainer (defaults)"), base.get("Trainer (best)")
         ratio = lambda ref: f"{r['train_samples_per_second'] / ref:.2f}x" if ref else "—"
-        print(f"| {LABELS[system]} {r['system']} | {r['test_accuracy']:.4f} | {r['train_samples_per_second']:.1f} | {ratio(a)} | "
+        print(f"| {LABELS[system]} {r['system']} | {r['accuracy_text']} | {r['sps_text']} | {ratio(a)} | "
               f"{ratio(b)} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['precision']} |")
     print(f"\nGEMM peak ({precision}, 2048^3): {peak:.0f} GFLOP/s")
     print("| seq len | step s (batch 32) | tokens/s | MFU vs GEMM peak |")
@@ -212,7 +244,8 @@ def main() -> None:
             print(f"| {d['fraction']:.0%} | {d['train_rows']} | {d['train_seconds']:.1f} | {d['train_samples_per_second']:.1f} | "
                   f"{d['time_vs_linear']:.2f} |")
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"cpu": cpu_model(), "flags": flags, "bf16_speedup": speedup, "results": rows,
+    output.write_text(json.dumps({"cpu": cpu_model(), "flags": flags, "bf16_speedup": speedup, "seeds": args.seeds,
+                                  "summary": summary, "results": rows,
                                   "gemm_peak_gflops": peak, "sequence_scaling": scaling, "data_scaling": scaling_data,
                                   "quick": args.quick}, indent=2) + "\n")
     print(f"\nwrote {output}")
