@@ -204,6 +204,10 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         log.info(line)
     for line in warnings:
         log.warning(line)
+    run_fingerprint = fingerprint(cfg, tables)
+    if checkpoint is not None:  # the same config and data, checked before any model loads
+        check_fingerprint(checkpoint, run_fingerprint)
+        notes.append(f"resumed from {checkpoint.path}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = configure_threads(cfg.train.num_threads)  # before the precision check times matmuls
@@ -230,10 +234,6 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
             create_run_dir(run_dir, cfg.output.overwrite)
             save_config(run_dir, cfg)
     accelerator.wait_for_everyone()
-    run_fingerprint = fingerprint(cfg, tables)
-    if checkpoint is not None:
-        check_fingerprint(checkpoint, run_fingerprint)
-        notes.append(f"resumed from {checkpoint.path}")
 
     metric, bigger = _best_metric(cfg, task, state)
     loss_fn = task.loss_fn(cfg.task, state, encoded["train"])

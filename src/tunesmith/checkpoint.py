@@ -117,7 +117,7 @@ def _to_lists(value: Any) -> Any:
 # --------------------------------------------------------------------------- write
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 
@@ -178,7 +178,7 @@ def save_checkpoint(
         if main:
             weights = {k: v.contiguous() for k, v in trainable_state(model).items()}
             save_file(weights, str(tmp / "trainable.safetensors"))
-            _fsync_file(tmp / "trainable.safetensors")
+            fsync_file(tmp / "trainable.safetensors")
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
             _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
             if scaler is not None:

@@ -28,7 +28,7 @@ from transformers import get_scheduler
 from .config import TrainConfig
 from .data.batching import padding_share
 from .methods import load_trainable_state, trainable_state
-from .checkpoint import Checkpoint, remove_partial, restore_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import Checkpoint, fsync_file, remove_partial, restore_checkpoint, restore_rng, save_checkpoint
 from .errors import ConfigError, TunesmithError
 from .interrupt import StopSignals, TrainingInterrupted
 from .run import JsonlLog, write_jsonl
@@ -134,6 +134,7 @@ def _progress(console: Console | None, disable: bool) -> Progress:
 def save_best(model: nn.Module, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp))
+    fsync_file(tmp)  # on disk before the rename, so a crash leaves the old best or the new one
     os.replace(tmp, path)
 
 
@@ -202,8 +203,8 @@ def train_loop(
     if resume is not None:
         restore_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
                            scaler=scaler, accelerator=accelerator)
-        saved = resume.state["loop"]
-        result = LoopResult(**{f.name: saved[f.name] for f in fields(LoopResult) if f.name in saved})
+        position = resume.state["loop"]
+        result = LoopResult(**{f.name: position[f.name] for f in fields(LoopResult) if f.name in position})
         if accelerator.is_main_process:  # the log restarts from the checkpoint: lines written after it are replayed
             write_jsonl(run_dir / "log.jsonl", result.history)
         log.info("resuming from %s (step %d, epoch %d, batch %d)", resume.path, result.global_step, result.epoch, result.batches_in_epoch)
@@ -212,20 +213,20 @@ def train_loop(
     train_start = time.perf_counter() - result.train_seconds
     model.train()
 
-    saved: dict[str, Path] = {}
+    written: dict[str, Path] = {}
 
     def checkpoint() -> Path:
         """Write a resumable checkpoint of the current state (once per position)."""
         position = f"{result.global_step}/{result.epoch}/{result.batches_in_epoch}"
-        if position not in saved:
+        if position not in written:
             result.train_seconds = time.perf_counter() - train_start
             loop_state = {"global_step": result.global_step, "loop": asdict(result), **(fingerprint or {})}
-            saved[position] = save_checkpoint(
+            written[position] = save_checkpoint(
                 checkpoints_dir, step=result.global_step, model=accelerator.unwrap_model(model), optimizer=optimizer,
                 scheduler=scheduler, scaler=scaler, loop_state=loop_state, accelerator=accelerator,
                 save_total_limit=train_cfg.save_total_limit, keep_step=result.best_step,
             )
-        return saved[position]
+        return written[position]
 
     def evaluate_and_track(epoch: float) -> bool:
         """Evaluate, keep the best weights; returns True when early stopping triggers."""
