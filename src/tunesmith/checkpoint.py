@@ -191,7 +191,7 @@ def save_checkpoint(
     except (OSError, MemoryError, RuntimeError) as err:
         failure = err
     # Every process reports whether its part succeeded, so all stop together on failure.
-    failed = _any_process(accelerator, failure is not None)
+    failed = any_process(accelerator, failure is not None)
     if failed:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -208,7 +208,8 @@ def save_checkpoint(
     return final
 
 
-def _any_process(accelerator, flag: bool) -> bool:
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process if `flag` is true on any (a collective under DDP: all processes call it)."""
     if accelerator.num_processes == 1:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)

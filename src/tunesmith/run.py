@@ -135,11 +135,15 @@ def create_run_dir(run_dir: Path, overwrite: bool) -> Path:
     return run_dir
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
+def _replace_text(path: Path, text: str) -> None:
+    """Write a text file atomically: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=_json_default) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    _replace_text(path, json.dumps(payload, indent=2, ensure_ascii=False, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -279,9 +283,7 @@ def model_card(cfg: RunConfig, task_state: dict, metrics: dict, base_model: str,
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """Replace a JSONL file atomically (a resumed run restarts its log from the checkpoint's records)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=_json_default, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    _replace_text(path, "".join(json.dumps(r, default=_json_default, ensure_ascii=False) + "\n" for r in records))
 
 
 class JsonlLog:

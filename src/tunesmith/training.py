@@ -28,7 +28,7 @@ from transformers import get_scheduler
 from .config import TrainConfig
 from .data.batching import padding_share
 from .methods import load_trainable_state, trainable_state
-from .checkpoint import Checkpoint, fsync_file, remove_partial, restore_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import Checkpoint, any_process, fsync_file, remove_partial, restore_checkpoint, restore_rng, save_checkpoint
 from .errors import ConfigError, TunesmithError
 from .interrupt import StopSignals, TrainingInterrupted
 from .run import JsonlLog, write_jsonl
@@ -390,11 +390,8 @@ def _note_nonfinite(result: LoopResult, train_cfg: TrainConfig, loss: float, sch
 
 
 def _stop_requested(signals: StopSignals, accelerator: Accelerator) -> bool:
-    if accelerator.num_processes == 1:
-        return signals.received is not None
     # Every process must stop at the same step (a signal may reach them at different moments).
-    flag = torch.tensor([1.0 if signals.received is not None else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    return any_process(accelerator, signals.received is not None)
 
 
 def _interrupt(signals: StopSignals, path: Path, run_dir: Path, result: LoopResult) -> None:
