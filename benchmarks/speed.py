@@ -7,6 +7,8 @@ system runs in its own child process so peak RSS is its own:
   (a) `transformers.Trainer` with its defaults (fp32, random batches)
   (b) `transformers.Trainer` at its best for this machine: length-grouped sampling
       (`train_sampling_strategy="group_by_length"`) and `bf16=True` only where bf16 measures faster
+  (b+) (b) with tunesmith's allocator setting (`reuse_freed_memory`), which any PyTorch loop can
+      take (jemalloc or tcmalloc via LD_PRELOAD do the same): how much of (c)'s lead is the allocator
   (c) tunesmith defaults
   (d) tunesmith defaults + `train.torch_compile` (with `--compile`; the first steps include the
       compile, which is part of the cost of compiling a one-epoch run)
@@ -44,7 +46,8 @@ import torch  # noqa: E402
 from tunesmith.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model, measured_bf16_speedup  # noqa: E402
 
 BATCH, LR, MAX_LENGTH, SEED = 32, 5e-5, 128, 0
-LABELS = {"trainer-defaults": "(a)", "trainer-best": "(b)", "tunesmith": "(c)", "tunesmith-compile": "(d)"}
+LABELS = {"trainer-defaults": "(a)", "trainer-best": "(b)", "trainer-best-allocator": "(b+)", "tunesmith": "(c)",
+          "tunesmith-compile": "(d)"}
 
 
 def peak_rss_mb() -> float:
@@ -72,7 +75,13 @@ def child(system: str, split_dir: Path, epochs: float, out: Path) -> None:
     else:
         from classification import run_trainer
 
-        row = run_trainer(paths, split_dir / "runs", epochs, best=system == "trainer-best")
+        if system == "trainer-best-allocator":
+            from tunesmith.cpu_fastpath import keep_freed_memory
+
+            keep_freed_memory()  # the part of tunesmith's CPU fast path any training loop can take
+        row = run_trainer(paths, split_dir / "runs", epochs, best=system != "trainer-defaults")
+        if system == "trainer-best-allocator":
+            row["system"] += " + reuse_freed_memory"
     row["peak_rss_mb"] = peak_rss_mb()
     row["seed"] = classification.SETTINGS["seed"]
     out.write_text(json.dumps(row))
@@ -119,9 +128,12 @@ def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 5
     from transformers import AutoModelForSequenceClassification
 
     from tunesmith.assets import bundled_model_path
+    from tunesmith.cpu_fastpath import keep_freed_memory, use_fast_dropout
 
     model = AutoModelForSequenceClassification.from_pretrained(str(bundled_model_path("bundled:all-MiniLM-L6-v2")), num_labels=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)  # as tunesmith's loop
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)  # as tunesmith's loop, with its CPU fast path
+    keep_freed_memory()
+    use_fast_dropout(model)
     params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
     rows = []
     for length in lengths:
@@ -179,7 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--systems", nargs="+", default=None, choices=list(LABELS),
-                        help="default: (a), (b), (c); (c) only with --quick")
+                        help="default: (a), (b), (b+), (c); (c) only with --quick")
     parser.add_argument("--compile", action="store_true", help="Also run (d): tunesmith with train.torch_compile.")
     parser.add_argument("--fractions", nargs="*", type=float, default=[0.25, 0.5, 1.0],
                         help="Shares of the train rows for the data-size scaling (none: skip it).")
@@ -195,7 +207,8 @@ def main() -> None:
     if args.child:
         child(args.child[0], Path(args.child[1]), args.epochs, Path(args.child[2]))
         return
-    systems = args.systems or (["tunesmith"] if args.quick else ["trainer-defaults", "trainer-best", "tunesmith"])
+    systems = args.systems or (["tunesmith"] if args.quick else
+                               ["trainer-defaults", "trainer-best", "trainer-best-allocator", "tunesmith"])
     if args.compile and "tunesmith-compile" not in systems:
         systems.append("tunesmith-compile")
     limit = args.limit or (240 if args.quick else None)

@@ -1,10 +1,11 @@
 """configs/accelerate/*.yaml: accelerate reads each into the intended set-up; the CPU DDP one trains.
 
-What runs here (CPU, no GPU): `accelerate launch` with ddp_cpu.yaml on 2 gloo processes, checked
-against a one-process run like tests/test_distributed.py; FSDP2's in-place sharding of a tiny BERT
-on 2 gloo processes (torch alone: accelerate does not select FSDP without CUDA) to check the
-gather/scatter of sharded weights. The GPU configs are checked as far as accelerate's own launch
-code takes them (arguments, environment, plugins) and tunesmith's refusal of what it cannot run.
+What runs here (CPU, no GPU): `accelerate launch` with ddp_cpu.yaml and with fsdp.yaml on 2 gloo
+processes, each checked against a one-process run like tests/test_distributed.py (under fsdp.yaml
+tunesmith shards the model itself with torch's FSDP2, see `tunesmith.distributed`); FSDP2's
+in-place sharding of a tiny BERT on 2 gloo processes (torch alone) to check the gather/scatter of
+sharded weights. The GPU configs are checked as far as accelerate's own launch code takes them
+(arguments, environment, plugins) and tunesmith's refusal of what it cannot run.
 """
 
 import importlib.util
@@ -128,9 +129,9 @@ def test_deepspeed_configs_build_the_zero_plugin(name, stage):
 # --------------------------------------------------------------------------- what tunesmith runs and refuses
 
 
-@pytest.mark.parametrize("name", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_gpu_strategies_on_cpu_are_refused_not_silently_ddp(name, monkeypatch):
-    # accelerate 1.15 turns FSDP on CPU into plain DDP without a word; tunesmith says so instead.
+    # accelerate 1.15 turns DeepSpeed on CPU into plain DDP without a word; tunesmith says so instead.
     from tunesmith.api import make_accelerator
 
     for key, value in _environment(name).items():
@@ -145,8 +146,8 @@ def test_strategies_on_gpus():
     env = lambda name: {k: v for k, v in _environment(name).items() if k.startswith(("ACCELERATE_", "FSDP_"))}
     distributed.check_launch_strategy(True, env("ddp_multi_gpu"))  # DDP: fine
     distributed.check_launch_strategy(False, env("ddp_cpu"))
-    with pytest.raises(ConfigError, match="FSDP, which shards the weights"):
-        distributed.check_launch_strategy(True, env("fsdp"))
+    distributed.check_launch_strategy(True, env("fsdp"))  # FSDP2: tunesmith shards the model itself
+    distributed.check_launch_strategy(False, env("fsdp"))  # on CPU too (gloo)
     with pytest.raises(ConfigError, match="FSDP version 1.*fsdp_version: 2"):
         distributed.check_launch_strategy(True, {**env("fsdp"), "FSDP_VERSION": "1"})
     if importlib.util.find_spec("deepspeed") is None:
@@ -167,6 +168,18 @@ def test_accelerate_launch_ddp_cpu_matches_one_process(tmp_path):
                "-m", "tunesmith.cli", "train", str(config_file), "--quiet"]
     done = subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_matches_single_run(single, tmp_path / "ddp")
+
+
+def test_accelerate_launch_fsdp_on_cpu_shards_and_matches_one_process(tmp_path):
+    """fsdp.yaml on 2 CPU processes: accelerate would build plain DDP here; tunesmith takes the FSDP
+    request over and shards the model with FSDP2 (the same path as train.fsdp=true)."""
+    single, config_file = single_and_ddp_config(tmp_path)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "fsdp.yaml"),
+               "--num_processes", "2", "--mixed_precision", "no", "-m", "tunesmith.cli", "train", str(config_file), "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "accelerate launch (FSDP): FSDP2 over 2 processes" in done.stderr, done.stderr[-3000:]
     assert_matches_single_run(single, tmp_path / "ddp")
 
 

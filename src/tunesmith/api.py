@@ -19,10 +19,12 @@ from .assets import resolve_model_path
 from .config import ModelConfig, RunConfig, coerce_config, parse_config
 from .data.batching import eval_loader, train_loader
 from .data.splits import data_file_paths, make_splits
+from . import distributed
 from .errors import ConfigError
 from .memory import check_memory
 from .methods import apply_method, count_parameters, is_peft
 from .precision import choose_precision
+from .cpu_fastpath import restore_dropout
 from .performance import apply_speed_options, configure_threads
 from .lock import RunLock, check_unlocked
 from .resume import check_fingerprint, fingerprint, plan_resume
@@ -148,9 +150,12 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
 
     from accelerate.utils import DataLoaderConfiguration
 
-    from .distributed import check_launch_strategy
+    from .distributed import check_launch_strategy, take_over_launcher_fsdp
 
     check_launch_strategy(torch.cuda.is_available())  # FSDP/DeepSpeed from `accelerate launch`: fail early, clearly
+    # FSDP2 from `accelerate launch`: tunesmith shards the model itself (see `distributed`); accelerate
+    # must not see the request (it would select FSDP on GPUs only, and on CPU silently build DDP).
+    take_over_launcher_fsdp()
     return Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -204,6 +209,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         log.info(line)
     for line in warnings:
         log.warning(line)
+    launcher_fsdp = _launcher_fsdp(cfg)  # before the fingerprint: it becomes train.fsdp=true
     run_fingerprint = fingerprint(cfg, tables)
     if checkpoint is not None:  # the same config and data, checked before any model loads
         check_fingerprint(checkpoint, run_fingerprint)
@@ -213,7 +219,13 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
     threads = configure_threads(cfg.train.num_threads)  # before the precision check times matmuls
     precision = choose_precision(cfg.train.precision, device)
     log.info("precision: %s (%s)", precision.precision, precision.reason)
+    # fsdp.yaml's fsdp_reshard_after_forward, read before make_accelerator removes the launcher's FSDP variables
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0")
     accelerator = make_accelerator(precision.accelerate_mixed_precision, cfg.train.gradient_accumulation_steps)
+    if cfg.train.fsdp and accelerator.num_processes > 1 and precision.precision == "fp16":
+        # fp16's loss scaler must agree across shards on skipped steps (FSDP's sharded scaler); never run here.
+        raise ConfigError("train.fsdp with fp16 is not supported (its loss scaler is not sharding-aware here); "
+                          "set train.precision=bf16 (Ampere or newer GPUs) or fp32")
     # Under DDP the main process tokenizes first and fills the cache; the others then read it.
     with accelerator.main_process_first():
         encoded = {split: task.encode(cfg.task, table, tokenizer, state) for split, table in tables.items()}
@@ -257,6 +269,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
 
         everything = [eval_loader(encoded["train"], tokenizer, cfg.train.per_device_eval_batch_size, collator)]
         cache_body(model, everything + [loaders[s] for s in ("validation", "test") if s in loaders], accelerator.autocast)
+    skeleton = _maybe_shard(model, cfg, accelerator, launcher_fsdp, reshard, speed)
     loop = train_loop(
         model=model,
         task=task,
@@ -300,11 +313,52 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
     from .features import uncache_body
 
     uncache_body(accelerator.unwrap_model(model))
+    # Under FSDP2 every process gathers the full weights together; the main process gets a plain model.
+    plain = distributed.plain_model(model, skeleton, accelerator.is_main_process) if skeleton is not None else (
+        accelerator.unwrap_model(model))
+    for trained in (accelerator.unwrap_model(model), plain):
+        if trained is not None:
+            restore_dropout(trained)  # the returned/saved model carries plain nn.Dropout again
     if accelerator.is_main_process:  # one writer: under DDP the model and files are written once
-        _write_run(run_dir, accelerator.unwrap_model(model), tokenizer, cfg, task, state, metrics,
+        _write_run(run_dir, plain, tokenizer, cfg, task, state, metrics,
                    {"choice": precision.precision, "reason": precision.reason}, warnings, notes, params, speed)
     accelerator.wait_for_everyone()
     return RunResult(run_dir, metrics, loop.best_metric, loop.best_step, warnings)
+
+
+def _launcher_fsdp(cfg: RunConfig) -> bool:
+    """`accelerate launch` with an FSDP config means `train.fsdp: true` (recorded so in config.yaml,
+    so a resume shards again whatever launches it)."""
+    from .distributed import requested_strategy
+
+    if requested_strategy() != "fsdp":
+        return False
+    if cfg.train.torch_compile:
+        raise ConfigError("accelerate launch asked for FSDP, and train.fsdp with train.torch_compile is not supported "
+                          "(never tested); set train.torch_compile=false")
+    cfg.train.fsdp = True
+    return True
+
+
+def _maybe_shard(model, cfg: RunConfig, accelerator, launcher_fsdp: bool, reshard: bool, speed: dict) -> torch.nn.Module | None:
+    """FSDP2 when `train.fsdp` is set (or `accelerate launch` asked for it) and several processes run:
+    shards `model` in place and returns a parameter-less copy of it for the final save; else None."""
+    speed["fsdp"] = False
+    if not cfg.train.fsdp:
+        return None
+    source = "accelerate launch (FSDP)" if launcher_fsdp else "train.fsdp"
+    if accelerator.num_processes == 1:
+        log.info("%s: no effect with one process (nothing to shard across)", source)
+        return None
+    if cfg.method.name == "frozen" and cfg.train.cache_frozen_features:
+        log.info("%s: no effect for method frozen with cached features (only the small head trains)", source)
+        return None
+    skeleton = distributed.meta_copy(model)
+    blocks = distributed.shard_model(model, accelerator, reshard_after_forward=reshard)
+    speed["fsdp"] = {"processes": accelerator.num_processes, "blocks": blocks, "reshard_after_forward": reshard}
+    log.info("%s: FSDP2 over %d processes (%s), %d transformer blocks sharded, then the whole model",
+             source, accelerator.num_processes, accelerator.device.type, blocks)
+    return skeleton
 
 
 def _write_run(run_dir: Path, model, tokenizer, cfg: RunConfig, task: Task, state: dict, metrics: dict,

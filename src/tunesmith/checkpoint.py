@@ -2,8 +2,10 @@
 
 A checkpoint is a folder `checkpoints/step-000120/` holding
 
-    trainable.safetensors   the parameters training changes (all of them for full fine-tuning)
+    trainable.safetensors   the parameters training changes (all of them for full fine-tuning),
+                            full (unsharded) also under FSDP2
     optimizer.pt            AdamW moments and step counts
+    optimizer-rank{K}.pt    instead of optimizer.pt under FSDP2: process K's shards of the moments
     scheduler.pt            learning-rate schedule position
     scaler.pt               fp16 loss scaler (CUDA fp16 only)
     rng-rank{K}.pt          python, numpy, torch (and CUDA) RNG states of process K
@@ -32,8 +34,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .errors import TunesmithError
-from .methods import load_trainable_state, trainable_state
 
 log = logging.getLogger("tunesmith")
 
@@ -167,6 +169,7 @@ def save_checkpoint(
 
         broadcast_object_list(tmp_name)
     tmp = checkpoints_dir / tmp_name[0]
+    sharded = distributed.sharding(model, accelerator) is not None
     failure = None
     try:
         if main:
@@ -175,11 +178,15 @@ def save_checkpoint(
             tmp.mkdir()
         accelerator.wait_for_everyone()
         _torch_save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+        # Under sharding every process takes part in gathering the weights and writes its optimizer shard.
+        weights = distributed.gather_state(model, accelerator, keep=main) if sharded or main else None
+        if sharded:
+            _torch_save(distributed.local_optimizer_state(optimizer), tmp / f"optimizer-rank{accelerator.process_index}.pt")
         if main:
-            weights = {k: v.contiguous() for k, v in trainable_state(model).items()}
-            save_file(weights, str(tmp / "trainable.safetensors"))
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
             fsync_file(tmp / "trainable.safetensors")
-            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if not sharded:
+                _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
             _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
             if scaler is not None:
                 _torch_save(scaler.state_dict(), tmp / "scaler.pt")
@@ -257,18 +264,44 @@ def _torch_load(path: Path) -> Any:
 def restore_checkpoint(checkpoint: Checkpoint, *, model: torch.nn.Module, optimizer, scheduler, scaler, accelerator) -> None:
     """Load weights, optimizer, scheduler and scaler (RNG states: `restore_rng`, when the first new batch is due)."""
     path = checkpoint.path
-    try:
-        load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-    except (OSError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint '{path}': weights do not match this model ({str(err)[:200]}); "
-                              "was the config changed? Resume with the run's own config or start over with --overwrite") from None
-    optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
-    scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
-    if scaler is not None and (path / "scaler.pt").exists():
-        scaler.load_state_dict(_torch_load(path / "scaler.pt"))
+    sharded = distributed.sharding(model, accelerator) is not None
+    per_rank = (path / "optimizer-rank0.pt").exists()
+    if per_rank != sharded:
+        raise CheckpointError(
+            f"checkpoint '{path}' was written by a {'sharded (FSDP2)' if per_rank else 'non-sharded'} run and this run is "
+            f"{'sharded' if sharded else 'not sharded'}; resume with the number of processes and the train.fsdp "
+            "the run was started with")
     if not (path / f"rng-rank{accelerator.process_index}.pt").exists():
         raise CheckpointError(f"checkpoint '{path}' has no RNG state for process {accelerator.process_index}; "
                               "resume with the same number of processes the run was started with")
+    # Under sharding the main process reads the weights and scatters them (a collective: every
+    # process learns whether reading failed before any of them enters it).
+    state, problem = None, None
+    if accelerator.is_main_process or not sharded:
+        try:
+            state = load_file(str(path / "trainable.safetensors"))
+            expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+            if set(state) != set(expected) or any(tuple(state[n].shape) != tuple(expected[n]) for n in expected):
+                missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+                problem = f"missing {missing[:3]}, unexpected {extra[:3]}" if missing or extra else "parameter shapes differ"
+        except (OSError, RuntimeError) as err:
+            problem = str(err)
+    if any_process(accelerator, problem is not None) if sharded else problem is not None:
+        problem = (problem or "see the main process")[:200]
+        raise CheckpointError(f"checkpoint '{path}': weights do not match this model ({problem}); "
+                              "was the config changed? Resume with the run's own config or start over with --overwrite") from None
+    try:
+        distributed.load_trainable_state(model, state, accelerator)
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint '{path}': weights do not match this model ({str(err)[:200]}); "
+                              "was the config changed? Resume with the run's own config or start over with --overwrite") from None
+    if sharded:
+        distributed.load_local_optimizer_state(optimizer, _torch_load(path / f"optimizer-rank{accelerator.process_index}.pt"))
+    else:
+        optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
+    if scaler is not None and (path / "scaler.pt").exists():
+        scaler.load_state_dict(_torch_load(path / "scaler.pt"))
 
 
 def restore_rng(checkpoint: Checkpoint, process_index: int) -> None:

@@ -223,6 +223,16 @@ class TrainConfig(Section):
     cache_frozen_features: bool = Field(
         True, description="`method: frozen`: run the encoder once, cache its outputs, train only the head on them."
     )
+    fast_dropout: bool = Field(
+        True, description="CPU training: `nn.Dropout` draws its mask from 16-bit uniforms (4 per 64-bit random word, same "
+        "torch generator) instead of one Bernoulli per element: ~5x cheaper masks; keep probability within 8e-6 of "
+        "1 - p, outputs scaled by its exact inverse. GPUs and evaluation unaffected."
+    )
+    reuse_freed_memory: bool = Field(
+        True, description="glibc only: serve large blocks from the heap and keep freed pages (mallopt), so each step "
+        "reuses memory instead of page-faulting fresh zeroed pages (~13% faster CPU steps). Process-wide; freed memory "
+        "returns to the system when the process exits."
+    )
     dataloader_num_workers: int = Field(0, ge=0)
     memory_check: bool = Field(
         True, description="Before the run starts, estimate peak training memory and stop (with what would fit) if it exceeds "
@@ -237,6 +247,12 @@ class TrainConfig(Section):
     max_nonfinite_steps: int = Field(
         10, ge=0, description="Skip up to N updates with a NaN/inf loss or gradient, then stop with an explanation."
     )
+    fsdp: bool = Field(
+        False, description="Shard weights, gradients and optimizer state across processes (torch FSDP2 `fully_shard` on "
+        "each transformer block, then the whole model) instead of replicating them (DDP): each process holds 1/N of "
+        "them. Works on CPU (gloo, `tunesmith train --nproc N train.fsdp=true`) and GPUs (NCCL); no effect with one "
+        "process. `accelerate launch` with configs/accelerate/fsdp.yaml turns it on too."
+    )
 
     @field_validator("num_threads", mode="before")
     @classmethod
@@ -249,6 +265,9 @@ class TrainConfig(Section):
     def _steps_need_eval_steps(self) -> "TrainConfig":
         if self.eval_strategy == "steps" and self.eval_steps is None:
             raise ValueError("eval_strategy is 'steps' but eval_steps is not set; set train.eval_steps=N")
+        if self.fsdp and self.torch_compile:
+            raise ValueError("train.fsdp and train.torch_compile together are not supported (never tested); "
+                             "set one of them to false")
         return self
 
 

@@ -1,4 +1,5 @@
-"""Which distributed strategy a launcher asked for, and whether tunesmith can run it here.
+"""Which distributed strategy a launcher asked for, sharded (FSDP2) training, and sharding-aware
+reads and writes of the weights.
 
 `accelerate launch --config_file configs/accelerate/<x>.yaml` passes the strategy to each process
 in environment variables (`ACCELERATE_USE_FSDP`, `ACCELERATE_USE_DEEPSPEED`, `FSDP_VERSION`,
@@ -6,29 +7,45 @@ in environment variables (`ACCELERATE_USE_FSDP`, `ACCELERATE_USE_DEEPSPEED`, `FS
 the Accelerator is built and turns the cases that would otherwise fail late, hang or silently do
 something else into one-line errors:
 
-- FSDP or DeepSpeed without a CUDA device. accelerate 1.15 enables FSDP only for GPU-like
-  distributed types (`AcceleratorState.__init__`: `DistributedType.FSDP` is set only inside the
-  `MULTI_GPU/MULTI_XPU/...` branch); on CPU it builds `MULTI_CPU` and wraps the model in plain DDP,
-  silently. DeepSpeed likewise is enabled only `if ... and not cpu`. (torch's own FSDP2
-  `fully_shard` does run on CPU with gloo; it is accelerate that will not select it.)
+- DeepSpeed without a CUDA device (accelerate enables it only `if ... and not cpu`, and would
+  otherwise run plain DDP), or without `deepspeed` installed.
 - FSDP version 1: `train` evaluates and saves through the model object it prepared, which FSDP1
   replaces with a wrapper (FSDP2 shards in place).
-- Parameter sharding (FSDP2, DeepSpeed ZeRO-3): every process then holds a slice of each weight,
-  and the best-checkpoint and save paths must gather the slices on all processes together
-  (`gather_state` / `load_trainable_state` below), which the training loop does not call yet.
-  ZeRO-2 (optimizer and gradient sharding, full weights on every process) is allowed.
+- DeepSpeed ZeRO-3 (weights partitioned): `gather_state` / `load_trainable_state` below handle it,
+  but no run was ever made with it (deepspeed is not installed where tunesmith is tested), so it
+  stays refused. ZeRO-2 (optimizer and gradient sharding, full weights on every process) is allowed.
+
+FSDP2 (`train.fsdp: true`, or `accelerate launch` with configs/accelerate/fsdp.yaml) is run by
+tunesmith itself, with torch's `fully_shard`, on CPU (gloo) and GPU (NCCL) alike:
+`shard_model` shards every transformer block (the layer stacks `methods.layer_stacks` finds) and
+then the root. accelerate is kept out of it: it never sees the model (`accelerator.prepare` would
+wrap it in DDP on top), and when `accelerate launch` asked for FSDP its variables are removed
+before the Accelerator is built (`take_over_launcher_fsdp`) — accelerate 1.15 would only select
+FSDP on GPUs (on CPU it silently builds DDP), and transformers would load the weights on the meta
+device on every process but the first (`FSDP_CPU_RAM_EFFICIENT_LOADING`). So the launcher's FSDP
+run takes the same code path as `tunesmith train --nproc N train.fsdp=true`, which is tested on CPU.
+
+Under FSDP2 every process holds a slice (a `DTensor` shard) of each parameter, so every read or
+write of the weights is a collective that all processes reach at the same point: `gather_state`
+(full copies), `load_trainable_state` (scatter from the main process), `plain_model` (the full,
+unsharded model for saving), and the optimizer state, saved per process
+(`local_optimizer_state` / `load_local_optimizer_state`).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+
+log = logging.getLogger("tunesmith")
 
 CPU_FIX = "on CPU use configs/accelerate/ddp_cpu.yaml or `tunesmith train --nproc N` (DDP over gloo)"
 
@@ -46,27 +63,99 @@ def check_launch_strategy(cuda_available: bool, env: Mapping[str, str] = os.envi
     strategy = requested_strategy(env)
     if strategy == "ddp":
         return
-    name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[strategy]
+    if strategy == "fsdp":
+        if env.get("FSDP_VERSION", "1") != "2":
+            raise ConfigError(
+                f"accelerate launch asked for FSDP version {env.get('FSDP_VERSION', '1')}; tunesmith supports FSDP version 2 "
+                "(in-place sharding); set `fsdp_version: 2` in fsdp_config (see configs/accelerate/fsdp.yaml)"
+            )
+        return  # FSDP2: tunesmith shards the model itself (take_over_launcher_fsdp), on CPU and GPU
     if not cuda_available:
         raise ConfigError(
-            f"accelerate launch asked for {name}, which needs CUDA GPUs; found no CUDA device (accelerate runs {name} "
-            f"on GPUs only and on CPU would silently fall back to plain DDP); {CPU_FIX}"
+            "accelerate launch asked for DeepSpeed, which needs CUDA GPUs; found no CUDA device (accelerate runs DeepSpeed "
+            f"on GPUs only and on CPU would silently fall back to plain DDP); {CPU_FIX}, or add train.fsdp=true to shard "
+            "the weights (FSDP2)"
         )
-    if strategy == "fsdp" and env.get("FSDP_VERSION", "1") != "2":
-        raise ConfigError(
-            f"accelerate launch asked for FSDP version {env.get('FSDP_VERSION', '1')}; tunesmith supports FSDP version 2 "
-            "(in-place sharding); set `fsdp_version: 2` in fsdp_config (see configs/accelerate/fsdp.yaml)"
-        )
-    if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"accelerate launch asked for DeepSpeed, which is not installed; pip install deepspeed, or use "
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("accelerate launch asked for DeepSpeed, which is not installed; pip install deepspeed, or use "
                           "configs/accelerate/ddp_multi_gpu.yaml")
-    sharded = strategy == "fsdp" or env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-    if sharded:
+    if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ConfigError(
-            f"accelerate launch asked for {'FSDP' if strategy == 'fsdp' else 'DeepSpeed ZeRO-3'}, which shards the weights "
-            "across processes; tunesmith's best-checkpoint and save steps do not gather sharded weights yet; use "
-            "configs/accelerate/ddp_multi_gpu.yaml or deepspeed_zero2.yaml (or method=lora to fit a large model)"
+            "accelerate launch asked for DeepSpeed ZeRO-3, which shards the weights across processes; tunesmith runs "
+            "sharded weights with FSDP2 only (ZeRO-3 was never run); use configs/accelerate/fsdp.yaml (or train.fsdp=true), "
+            "deepspeed_zero2.yaml, or method=lora to fit a large model"
         )
+
+
+LAUNCHER_FSDP_PREFIXES = ("FSDP_",)
+
+
+def take_over_launcher_fsdp(env: MutableMapping[str, str] = os.environ) -> dict | None:
+    """When `accelerate launch` asked for FSDP2: remove its variables (so neither accelerate nor
+    transformers acts on them) and return the options tunesmith honours; else None.
+
+    Honoured: `fsdp_reshard_after_forward`. Ignored (logged): parameter offload, accelerate's
+    activation checkpointing (use train.gradient_checkpointing), its wrap policy (tunesmith wraps
+    every transformer block, as TRANSFORMER_BASED_WRAP does), and rank-0-only loading (every
+    process reads the pretrained weights, then shards them)."""
+    if requested_strategy(env) != "fsdp":
+        return None
+    options = {"reshard_after_forward": env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0")}
+    ignored = [k for k in ("FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING") if env.get(k, "false").lower() == "true"]
+    if ignored:
+        log.warning("accelerate launch FSDP options not applied by tunesmith: %s", ", ".join(ignored))
+    for key in [k for k in env if k.startswith(LAUNCHER_FSDP_PREFIXES) or k == "ACCELERATE_USE_FSDP"]:
+        del env[key]
+    return options
+
+
+# --------------------------------------------------------------------------- sharding the model
+
+
+def shard_model(model: nn.Module, accelerator, reshard_after_forward: bool = True) -> int:
+    """Shard `model` in place with FSDP2 over all processes: each transformer block, then the root
+    (embeddings, final norms, head). Returns the number of blocks sharded. A collective."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .methods import layer_stacks
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    blocks = [block for stack in layer_stacks(model) for block in stack]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return len(blocks)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters are on the meta device (no memory), buffers kept: the
+    skeleton `plain_model` fills with the gathered weights. Take it before sharding. Tied
+    parameters stay tied."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def plain_model(model: nn.Module, skeleton: nn.Module, main: bool) -> nn.Module | None:
+    """The full, unsharded model (CPU) on the main process, None on the others. A collective.
+
+    `skeleton` is `meta_copy(model)` from before sharding: its parameters are replaced with the
+    gathered ones (names are the same: FSDP2 keeps them), its buffers with the model's."""
+    full = {name: _full(param, keep=main) for name, param in model.named_parameters()}  # all-gather, same order everywhere
+    if not main:
+        return None
+    old = dict(skeleton.named_parameters())
+    new = {id(old[name]): nn.Parameter(value, requires_grad=old[name].requires_grad) for name, value in full.items()}
+    buffers = {name: b.detach().cpu().clone() for name, b in model.named_buffers()}
+    for module_name, module in skeleton.named_modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None and id(param) in new:
+                module._parameters[key] = new[id(param)]
+        for key, buffer in list(module._buffers.items()):
+            name = f"{module_name}.{key}" if module_name else key
+            if buffer is not None and name in buffers:
+                module._buffers[key] = buffers[name]
+    return skeleton
 
 
 # --------------------------------------------------------------------------- sharded weights
@@ -84,18 +173,21 @@ def sharding(model: nn.Module, accelerator=None) -> str | None:
     return None
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
+def _full(tensor: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
     from torch.distributed.tensor import DTensor
 
     # `full_tensor` is a collective (all-gather): every process reaches it for the same tensors in the same order.
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu().clone()
+    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return full.detach().cpu().clone() if keep else None
 
 
-def gather_state(model: nn.Module, accelerator=None, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+def gather_state(model: nn.Module, accelerator=None, trainable_only: bool = True, keep: bool = True) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU copies of the model's trainable parameters, or of its whole state dict.
 
     A collective under sharding: every process must call it, at the same point. Without sharding it
-    is a plain copy (and needs no other process). Keys are the model's own parameter names."""
+    is a plain copy (and needs no other process). Keys are the model's own parameter names.
+    `keep=False`: take part in the gathering but keep nothing (processes that do not write; FSDP2
+    only — each full tensor is dropped as soon as it is gathered)."""
     kind = sharding(model, accelerator)
     if kind == "zero3":
         import deepspeed
@@ -108,9 +200,12 @@ def gather_state(model: nn.Module, accelerator=None, trainable_only: bool = True
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     if accelerator is not None and kind is None:
         model = accelerator.unwrap_model(model)
-    if trainable_only:
-        return {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
-    return {k: _full(v) for k, v in model.state_dict().items()}
+    items = ((n, p) for n, p in model.named_parameters() if p.requires_grad) if trainable_only else model.state_dict().items()
+    if not keep and kind == "fsdp2":
+        for _, value in items:
+            _full(value, keep=False)
+        return {}
+    return {k: _full(v) for k, v in items}
 
 
 @torch.no_grad()
@@ -143,3 +238,42 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None
             param.copy_(distribute_tensor(source.to(device=param.device, dtype=param.dtype), param.device_mesh, param.placements))
         else:
             param.copy_(state[name])
+
+
+# --------------------------------------------------------------------------- sharded optimizer state
+
+
+def local_optimizer_state(optimizer) -> dict:
+    """This process's optimizer state with DTensor moments as their local shards (plain tensors,
+    loadable with `torch.load(weights_only=True)`). Saved once per process under FSDP2."""
+    from torch.distributed.tensor import DTensor
+
+    state = optimizer.state_dict()
+    local = {key: {name: value.to_local() if isinstance(value, DTensor) else value for name, value in entry.items()}
+             for key, entry in state["state"].items()}
+    return {"state": local, "param_groups": state["param_groups"]}
+
+
+def load_local_optimizer_state(optimizer, state: dict) -> None:
+    """Inverse of `local_optimizer_state`: local shards become DTensors laid out like their parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict keys are these positions
+    restored = {}
+    for key, entry in state["state"].items():
+        param = params[int(key)]
+        restored[key] = {
+            name: DTensor.from_local(value.to(param.device), param.device_mesh, param.placements, shape=param.shape,
+                                     stride=param.stride(), run_check=False)
+            if isinstance(param, DTensor) and torch.is_tensor(value) and value.dim() == param.dim() and value.dim() > 0
+            else value
+            for name, value in entry.items()
+        }
+    optimizer.load_state_dict({"state": restored, "param_groups": state["param_groups"]})
+
+
+def full_value(tensor):
+    """A plain tensor for a (possibly DTensor) scalar such as the gradient norm under FSDP2."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -36,6 +36,7 @@ changes (smaller batch with gradient accumulation for the same global batch, sho
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -254,12 +255,19 @@ def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device:
     seq_len = _longest(lengths, max_length)
     rows = len(train_data) if train_data is not None else None  # a batch never holds more rows than the train set
     checkpointing = bool(getattr(cfg.train, "gradient_checkpointing", False))
+    # FSDP2 (train.fsdp over N processes): each process keeps 1/N of the weights, gradients and AdamW state
+    # (plus one gathered layer at a time, inside the workspace). On CPU the weights are counted as loaded.
+    shards = max(1, int(os.environ.get("WORLD_SIZE", "1"))) if getattr(cfg.train, "fsdp", False) else 1
 
     def estimate(batch: int) -> MemoryEstimate:
-        return estimate_training_memory(
+        found = estimate_training_memory(
             model, batch_size=batch, seq_len=seq_len, precision=precision, gradient_checkpointing=checkpointing,
             eval_batch_size=cfg.train.per_device_eval_batch_size, device=device,
         )
+        if shards == 1:
+            return found
+        return dataclasses.replace(found, weights=found.weights // shards, gradients=found.gradients // shards,
+                                   optimizer=found.optimizer // shards, autocast=found.autocast // shards)
 
     batch = min(cfg.train.per_device_train_batch_size, rows or cfg.train.per_device_train_batch_size)
     found = estimate(batch)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .cpu_fastpath import keep_freed_memory, use_fast_dropout
 from .errors import ConfigError
 
 log = logging.getLogger("tunesmith")
@@ -178,6 +179,11 @@ def apply_speed_options(
 ) -> tuple[nn.Module, dict]:
     """Gradient checkpointing, then `torch.compile`, as configured. Returns the model and a record for provenance."""
     record: dict = {"threads": threads.as_dict() if threads else None, "gradient_checkpointing": False, "torch_compile": False}
+    record["reuse_freed_memory"] = keep_freed_memory() if train_cfg.reuse_freed_memory else False
+    # Swapped for the run; `api` puts plain nn.Dropout back when training ends (`restore_dropout`).
+    # Not under torch.compile: inductor generates its own fused dropout (and would trace ours op by op).
+    fast = train_cfg.fast_dropout and not train_cfg.torch_compile
+    record["fast_dropout"] = use_fast_dropout(model) if fast else 0
     # `frozen` keeps the encoder in eval mode without gradients: no activations are kept for backward,
     # and with the feature cache the encoder does not even run during training.
     if train_cfg.gradient_checkpointing:

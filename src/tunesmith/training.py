@@ -4,6 +4,10 @@ accelerate does device placement, mixed precision (bf16 autocast on CPU where it
 bf16/fp16), gradient accumulation and distributed wrapping; this file does the rest: AdamW with
 no decay on biases and norms, warmup + schedule, clipping, periodic evaluation, early stopping
 and keeping the best checkpoint.
+
+A model sharded with FSDP2 (`train.fsdp`, see `distributed`) arrives here already sharded and is
+not passed to `accelerator.prepare` (which would wrap it in DDP too); its weights are read and
+written only through the sharding-aware, collective functions of `distributed`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from transformers import get_scheduler
 
 from .config import TrainConfig
 from .data.batching import padding_share
-from .methods import load_trainable_state, trainable_state
+from . import distributed
 from .checkpoint import Checkpoint, any_process, fsync_file, remove_partial, restore_checkpoint, restore_rng, save_checkpoint
 from .errors import ConfigError, TunesmithError
 from .interrupt import StopSignals, TrainingInterrupted
@@ -131,15 +135,29 @@ def _progress(console: Console | None, disable: bool) -> Progress:
     )
 
 
-def save_best(model: nn.Module, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp))
-    fsync_file(tmp)  # on disk before the rename, so a crash leaves the old best or the new one
-    os.replace(tmp, path)
+def save_best(model: nn.Module, path: Path, accelerator: Accelerator) -> None:
+    """Every process calls it (under sharding the weights are gathered together); the main process writes."""
+    sharded = distributed.sharding(model, accelerator) is not None
+    if not sharded and not accelerator.is_main_process:
+        return
+    weights = distributed.gather_state(model, accelerator, keep=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+        fsync_file(tmp)  # on disk before the rename, so a crash leaves the old best or the new one
+        os.replace(tmp, path)
 
 
-def restore_best(model: nn.Module, path: Path) -> None:
-    load_trainable_state(model, load_file(str(path)))
+def restore_best(model: nn.Module, path: Path, accelerator: Accelerator) -> None:
+    """Every process calls it. Under sharding the main process reads the file and scatters the
+    weights (and decides whether there is one); otherwise each process reads it."""
+    if distributed.sharding(model, accelerator) is None:
+        if path.exists():
+            distributed.load_trainable_state(model, load_file(str(path)), accelerator)
+        return
+    if any_process(accelerator, accelerator.is_main_process and path.exists()):
+        state = load_file(str(path)) if accelerator.is_main_process else None
+        distributed.load_trainable_state(model, state, accelerator)
 
 
 def make_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -189,7 +207,11 @@ def train_loop(
     # The sampler's own generator orders each epoch; its state at the epoch's start is saved so a
     # resumed run replays the same order (accelerate keeps the sampler object when it wraps the loader).
     sampler_generator = getattr(train_loader.sampler, "generator", None)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    sharded = distributed.sharding(model, accelerator) == "fsdp2"
+    if sharded:  # already sharded in place (FSDP2): accelerate must not wrap it in DDP as well
+        optimizer, train_loader, scheduler = accelerator.prepare(optimizer, train_loader, scheduler)
+    else:
+        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     scaler = getattr(accelerator, "scaler", None)
@@ -240,8 +262,7 @@ def train_loop(
         if improved:
             result.best_metric, result.best_step = value, result.global_step
             result.evaluations_without_improvement = 0
-            if accelerator.is_main_process:
-                save_best(accelerator.unwrap_model(model), best_path)
+            save_best(accelerator.unwrap_model(model), best_path, accelerator)
         else:
             result.evaluations_without_improvement += 1
         result.eval_seconds += time.perf_counter() - eval_start
@@ -285,6 +306,8 @@ def train_loop(
                 real, padded = padding_share(inputs)
                 result.real_tokens, result.padded_tokens = result.real_tokens + real, result.padded_tokens + padded
                 with accelerator.accumulate(model):
+                    if sharded:  # FSDP2: reduce-scatter gradients only on the micro-batch that steps
+                        model.set_requires_gradient_sync(accelerator.sync_gradients)
                     with accelerator.autocast():
                         logits = task.logits(model(**inputs))
                     loss = loss_fn(logits, labels)
@@ -357,8 +380,7 @@ def train_loop(
         log.info("early stopping after %d evaluations without improvement", train_cfg.early_stopping_patience)
     unwrapped = accelerator.unwrap_model(model)
     accelerator.wait_for_everyone()  # the main process wrote the best checkpoint; everyone restores it
-    if best_path.exists():
-        restore_best(unwrapped, best_path)
+    restore_best(unwrapped, best_path, accelerator)
     logbook.close()
     accelerator.free_memory()
     return result
@@ -368,7 +390,10 @@ def _finite_update(accelerator: Accelerator, model: nn.Module, train_cfg: TrainC
     """Clip gradients; False when the loss or the gradient norm is NaN/inf (the update is skipped:
     one bad batch must not turn every weight into NaN)."""
     max_norm = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else float("inf")
+    # accelerate clips DTensor (FSDP2) gradients too; their norm is then a DTensor, the same full value on every process.
     norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    if norm is not None:
+        norm = distributed.full_value(norm)
     return math.isfinite(loss) and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
 
 
