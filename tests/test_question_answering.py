@@ -571,7 +571,7 @@ def test_cli_predict_questions_and_files(v2_run, tmp_path):
 
 FAMILY_NAMES = ["bert", "roberta", "xlnet", "bart", "deberta-v2"]
 # Character-level pieces make XLNet's and DeBERTa's toy sequences long: they learn more slowly.
-FAMILY_EPOCHS = {"xlnet": 20, "deberta-v2": 20}
+FAMILY_EPOCHS = {"xlnet": 25, "deberta-v2": 20}
 FAMILY_MIN_F1 = {"xlnet": 0.65, "deberta-v2": 0.65}
 
 
