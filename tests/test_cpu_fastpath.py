@@ -12,7 +12,14 @@ from transformers import AutoModelForSequenceClassification
 
 import tunesmith
 from tiny import sentiment_rows, tiny_config, write_csv
-from tunesmith.cpu_fastpath import FastDropout, keep_freed_memory, keep_mask, restore_dropout, use_fast_dropout
+from tunesmith.cpu_fastpath import (
+    FastDropout,
+    attention_kernel,
+    keep_freed_memory,
+    keep_mask,
+    restore_dropout,
+    use_fast_dropout,
+)
 
 
 @pytest.mark.parametrize("keep", [0.9, 0.5, 0.1, 0.99])
@@ -128,3 +135,48 @@ def test_training_records_fast_dropout_and_saves_plain_dropout(tiny_bert, tmp_pa
     reloaded = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model")
     assert not [m for m in reloaded.modules() if isinstance(m, FastDropout)]
     assert tunesmith.predict(result.run_dir, ["a fine film"])[0]["label"] in ("pos", "neg")
+
+
+# --------------------------------------------------------------------------- attention kernel
+
+
+def _flash_enabled() -> bool:
+    return torch.backends.cuda.flash_sdp_enabled()  # the global SDPA switch, CPU flash included
+
+
+@pytest.mark.parametrize(
+    ("length", "device", "limit", "math_only"),
+    [(16, "cpu", 128, True), (128, "cpu", 128, True), (129, "cpu", 128, False), (16, "cuda", 128, False), (16, "cpu", 0, False)],
+)
+def test_attention_kernel_choice(length, device, limit, math_only):
+    inputs = {"input_ids": torch.ones(2, length, dtype=torch.long)}
+    assert _flash_enabled()
+    with attention_kernel(inputs, device, limit):
+        assert _flash_enabled() is not math_only
+    assert _flash_enabled()
+    with attention_kernel({"features": torch.ones(2, 8)}, "cpu", 128):  # cached frozen features: no sequence
+        assert _flash_enabled()
+
+
+def test_math_attention_gives_the_same_loss_and_gradients():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0, attn_implementation="sdpa")
+    model = BertForSequenceClassification(config)
+    inputs = {"input_ids": torch.randint(5, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    inputs["attention_mask"][2:, 9:] = 0  # padded rows
+    labels = torch.tensor([0, 1, 1, 0])
+
+    def loss_and_grads(limit):
+        model.zero_grad()
+        with attention_kernel(inputs, "cpu", limit):
+            loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    flash_loss, flash_grads = loss_and_grads(0)
+    math_loss, math_grads = loss_and_grads(128)
+    assert abs(flash_loss - math_loss) < 1e-5
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(flash_grads, math_grads))

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from .config import TrainConfig
+from .cpu_fastpath import attention_kernel
 from .data.batching import padding_share
 from . import distributed
 from .checkpoint import Checkpoint, any_process, fsync_file, remove_partial, restore_checkpoint, restore_rng, save_checkpoint
@@ -208,6 +209,8 @@ def train_loop(
     # resumed run replays the same order (accelerate keeps the sampler object when it wraps the loader).
     sampler_generator = getattr(train_loader.sampler, "generator", None)
     sharded = distributed.sharding(model, accelerator) == "fsdp2"
+    # Compiled graphs keep torch's kernel choice (a context switching kernels per batch would recompile).
+    math_attention_max = 0 if train_cfg.torch_compile else train_cfg.cpu_math_attention_max_length
     if sharded:  # already sharded in place (FSDP2): accelerate must not wrap it in DDP as well
         optimizer, train_loader, scheduler = accelerator.prepare(optimizer, train_loader, scheduler)
     else:
@@ -308,7 +311,7 @@ def train_loop(
                 with accelerator.accumulate(model):
                     if sharded:  # FSDP2: reduce-scatter gradients only on the micro-batch that steps
                         model.set_requires_gradient_sync(accelerator.sync_gradients)
-                    with accelerator.autocast():
+                    with accelerator.autocast(), attention_kernel(inputs, accelerator.device.type, math_attention_max):
                         logits = task.logits(model(**inputs))
                     loss = loss_fn(logits, labels)
                     accelerator.backward(loss)
