@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import tunesmith
 from test_distributed import _no_dropout_bert, launch_env
-from test_resume import SITECUSTOMIZE, SRC, _assert_same_run, _cfg, _write_cfg
+from test_resume import SRC, _assert_same_run, _cfg, _write_cfg, two_process_trainer
 from tiny import sentiment_rows, write_csv
 from tunesmith.checkpoint import latest_checkpoint
 from tunesmith.errors import ConfigError
@@ -128,16 +128,7 @@ def test_fsdp_lora_restores_best_checkpoint_and_saves_merged_model(data, tmp_pat
 
 @pytest.mark.slow
 def test_fsdp_sigterm_and_resume_matches_uninterrupted(tiny_bert, sentiment_csv, tmp_path):
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
-
-    def run(args: list[str], signal_at: int = 0) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(SRC)]), "OMP_NUM_THREADS": "1",
-               "SIGNAL_AT_STEP": str(signal_at)}
-        return subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", *args, "--nproc", "2", "-q"],
-                              env=env, capture_output=True, text=True, timeout=600)
-
+    run = two_process_trainer(tmp_path)
     # Dropout on: the resumed processes must replay their own dropout masks too.
     cfg = _cfg(tiny_bert, sentiment_csv, tmp_path / "ref", num_train_epochs=2, per_device_train_batch_size=4, fsdp=True)
     reference = run([str(_write_cfg(tmp_path, "ref", cfg))])

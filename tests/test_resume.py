@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -308,9 +309,11 @@ SITECUSTOMIZE = textwrap.dedent(
 )
 
 
-def test_ddp_sigterm_and_resume_matches_uninterrupted(tiny_bert, sentiment_csv, tmp_path):
+def two_process_trainer(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """`run(args, signal_at=0)`: `tunesmith train ARGS --nproc 2`, each process sending itself SIGTERM
+    in its `signal_at`-th optimizer step (0: never), via a sitecustomize hook."""
     hooks = tmp_path / "hooks"
-    hooks.mkdir()
+    hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
 
     def run(args: list[str], signal_at: int = 0) -> subprocess.CompletedProcess:
@@ -319,6 +322,11 @@ def test_ddp_sigterm_and_resume_matches_uninterrupted(tiny_bert, sentiment_csv, 
         return subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", *args, "--nproc", "2", "-q"],
                               env=env, capture_output=True, text=True, timeout=600)
 
+    return run
+
+
+def test_ddp_sigterm_and_resume_matches_uninterrupted(tiny_bert, sentiment_csv, tmp_path):
+    run = two_process_trainer(tmp_path)
     cfg = _cfg(tiny_bert, sentiment_csv, tmp_path / "ref", num_train_epochs=2, per_device_train_batch_size=4)
     reference = run([str(_write_cfg(tmp_path, "ref", cfg))])
     assert reference.returncode == 0, reference.stderr[-3000:]
