@@ -46,13 +46,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import logging
 import math
 
 import torch
 from torch import nn
-
-log = logging.getLogger("tunesmith")
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
