@@ -39,8 +39,9 @@ def test_multi_label_threshold_tuned_and_saved(pretrained_tiny_bert, tmp_path):
     assert 0.05 <= state["threshold"] <= 0.95
     for key in ("f1_micro", "f1_macro", "subset_accuracy"):
         assert key in val
-    # A tiny model at its capacity: across seeds, thread counts and dropout streams micro-F1 ranged
-    # 0.90-0.97 and exact-set accuracy 0.74-0.92 (always predicting the commonest label set: 0.19).
+    # A tiny model at its capacity, decided by the random stream: with 1 and 2 threads and either dropout
+    # implementation (also in the run that pre-trained this fixture) micro-F1 was 0.90-0.97 and exact-set
+    # accuracy 0.66-0.88; this configuration gave 0.75 and 0.875 (always the commonest label set: 0.19).
     assert val["f1_micro"] >= 0.85
     rows = multi_label_rows()
     preds = tunesmith.predict(result.run_dir, [r["text"] for r in rows])
