@@ -220,7 +220,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
     precision = choose_precision(cfg.train.precision, device)
     log.info("precision: %s (%s)", precision.precision, precision.reason)
     # fsdp.yaml's fsdp_reshard_after_forward, read before make_accelerator removes the launcher's FSDP variables
-    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0")
+    reshard = distributed.launcher_reshard_after_forward()
     accelerator = make_accelerator(precision.accelerate_mixed_precision, cfg.train.gradient_accumulation_steps)
     if cfg.train.fsdp and accelerator.num_processes > 1 and precision.precision == "fp16":
         # fp16's loss scaler must agree across shards on skipped steps (FSDP's sharded scaler); never run here.

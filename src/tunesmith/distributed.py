@@ -90,6 +90,11 @@ def check_launch_strategy(cuda_available: bool, env: Mapping[str, str] = os.envi
 LAUNCHER_FSDP_PREFIXES = ("FSDP_",)
 
 
+def launcher_reshard_after_forward(env: Mapping[str, str] = os.environ) -> bool:
+    """fsdp.yaml's `fsdp_reshard_after_forward` as `accelerate launch` passes it (true when unset)."""
+    return env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0")
+
+
 def take_over_launcher_fsdp(env: MutableMapping[str, str] = os.environ) -> dict | None:
     """When `accelerate launch` asked for FSDP2: remove its variables (so neither accelerate nor
     transformers acts on them) and return the options tunesmith honours; else None.
@@ -100,7 +105,7 @@ def take_over_launcher_fsdp(env: MutableMapping[str, str] = os.environ) -> dict 
     process reads the pretrained weights, then shards them)."""
     if requested_strategy(env) != "fsdp":
         return None
-    options = {"reshard_after_forward": env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0")}
+    options = {"reshard_after_forward": launcher_reshard_after_forward(env)}
     ignored = [k for k in ("FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING") if env.get(k, "false").lower() == "true"]
     if ignored:
         log.warning("accelerate launch FSDP options not applied by tunesmith: %s", ", ".join(ignored))
