@@ -287,14 +287,11 @@ def restore_checkpoint(checkpoint: Checkpoint, *, model: torch.nn.Module, optimi
         except (OSError, RuntimeError) as err:
             problem = str(err)
     if any_process(accelerator, problem is not None) if sharded else problem is not None:
-        problem = (problem or "see the main process")[:200]
-        raise CheckpointError(f"checkpoint '{path}': weights do not match this model ({problem}); "
-                              "was the config changed? Resume with the run's own config or start over with --overwrite") from None
+        raise _weights_mismatch(path, problem or "see the main process")
     try:
         distributed.load_trainable_state(model, state, accelerator)
     except (KeyError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint '{path}': weights do not match this model ({str(err)[:200]}); "
-                              "was the config changed? Resume with the run's own config or start over with --overwrite") from None
+        raise _weights_mismatch(path, str(err)) from None
     if sharded:
         distributed.load_local_optimizer_state(optimizer, _torch_load(path / f"optimizer-rank{accelerator.process_index}.pt"))
     else:
@@ -302,6 +299,11 @@ def restore_checkpoint(checkpoint: Checkpoint, *, model: torch.nn.Module, optimi
     scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(_torch_load(path / "scaler.pt"))
+
+
+def _weights_mismatch(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint '{path}': weights do not match this model ({detail[:200]}); "
+                           "was the config changed? Resume with the run's own config or start over with --overwrite")
 
 
 def restore_rng(checkpoint: Checkpoint, process_index: int) -> None:
