@@ -571,8 +571,11 @@ def test_cli_predict_questions_and_files(v2_run, tmp_path):
 
 FAMILY_NAMES = ["bert", "roberta", "xlnet", "bart", "deberta-v2"]
 # Character-level pieces make XLNet's and DeBERTa's toy sequences long: they learn more slowly.
-FAMILY_EPOCHS = {"xlnet": 25, "deberta-v2": 20}
-FAMILY_MIN_F1 = {"xlnet": 0.65, "deberta-v2": 0.65}
+# XLNet at the others' 2e-2 was unstable: validation F1 0.61-0.89 across seeds and CPUs (0.61 on a
+# Zen 5 EPYC); at 1e-2 for 30 epochs it measured 1.0 / 0.95 / 0.91 for seeds 0 / 1 / 2 there.
+FAMILY_EPOCHS = {"xlnet": 30, "deberta-v2": 20}
+FAMILY_LR = {"xlnet": 1e-2}
+FAMILY_MIN_F1 = {"xlnet": 0.75, "deberta-v2": 0.65}
 
 
 @pytest.fixture(scope="module")
@@ -603,7 +606,8 @@ def test_model_families(family, family_model, tmp_path):
     assert qa.question_first(tokenizer) is (family != "xlnet")  # XLNet pads left: context first, <cls> last
 
     cfg = qa_config(source, write_jsonl(tmp_path / "train.jsonl", rows), tmp_path / "run", task={"max_length": max_length},
-                    train={"learning_rate": 2e-2, "num_train_epochs": FAMILY_EPOCHS.get(family, 10), "per_device_train_batch_size": 4})
+                    train={"learning_rate": FAMILY_LR.get(family, 2e-2), "num_train_epochs": FAMILY_EPOCHS.get(family, 10),
+                           "per_device_train_batch_size": 4})
     result = tunesmith.train(cfg, show_progress=False)
     assert result.metrics["validation"]["f1"] >= FAMILY_MIN_F1.get(family, 0.8), result.metrics["validation"]
     predictions = tunesmith.predict(result.run_dir, [(r["question"], r["context"]) for r in rows])
