@@ -29,7 +29,7 @@ def multi_label_rows(n=96, seed=0):
 def test_multi_label_threshold_tuned_and_saved(pretrained_tiny_bert, tmp_path):
     train = write_csv(tmp_path / "ml.csv", multi_label_rows())
     cfg = tiny_config(pretrained_tiny_bert, train, tmp_path / "run", data={"validation_file": str(train)},
-                      train={"learning_rate": 1e-2, "num_train_epochs": 30})
+                      train={"learning_rate": 5e-3, "num_train_epochs": 40})
     result = tunesmith.train(cfg, show_progress=False)
     state = json.loads((result.run_dir / "task.json").read_text())
     assert state["problem_type"] == "multi_label"
@@ -39,9 +39,9 @@ def test_multi_label_threshold_tuned_and_saved(pretrained_tiny_bert, tmp_path):
     assert 0.05 <= state["threshold"] <= 0.95
     for key in ("f1_micro", "f1_macro", "subset_accuracy"):
         assert key in val
-    # A tiny model at its capacity, decided by the random stream: with 1 and 2 threads and either dropout
-    # implementation (also in the run that pre-trained this fixture) micro-F1 was 0.90-0.97 and exact-set
-    # accuracy 0.66-0.88; this configuration gave 0.75 and 0.875 (always the commonest label set: 0.19).
+    # At lr 1e-2 for 30 epochs this toy fit was decided by the random stream (micro-F1 0.71-1.0 over seeds and
+    # pre-training draws of the fixture; exact-set accuracy down to 0.26); at 5e-3 for 40 epochs seeds 0-4 all
+    # reached 1.0 and 1.0. Always predicting the commonest label set scores 0.19.
     assert val["f1_micro"] >= 0.85
     rows = multi_label_rows()
     preds = tunesmith.predict(result.run_dir, [r["text"] for r in rows])

@@ -13,11 +13,15 @@ from transformers import AutoModelForSequenceClassification
 import tunesmith
 from tiny import sentiment_rows, tiny_config, write_csv
 from tunesmith.cpu_fastpath import (
+    ATTENTION_IMPLEMENTATION,
     FastDropout,
+    attention_forward,
     attention_kernel,
     keep_freed_memory,
     keep_mask,
+    restore_attention,
     restore_dropout,
+    use_fast_attention,
     use_fast_dropout,
 )
 
@@ -36,6 +40,13 @@ def test_keep_mask_frequency_and_scale(keep):
     # Each of the four 16-bit lanes of a random word is a fair uniform on its own.
     for lane in mask.view(-1, 4).T:
         assert abs(lane.float().mean().item() - realised) < 2 * tolerance
+
+
+def test_keep_mask_keeps_everything_when_p_rounds_to_zero():
+    # keep = 1 - 1e-6 rounds to the threshold 65536, which does not fit the int16 comparison: once dropped everything.
+    mask, scale = keep_mask(torch.Size([1000]), 1 - 1e-6)
+    assert bool(mask.all()) and scale == 1.0
+    assert torch.equal(FastDropout(1e-6).train()(torch.ones(10)), torch.ones(10))
 
 
 def test_keep_mask_follows_the_torch_generator():
@@ -125,15 +136,17 @@ def test_training_records_fast_dropout_and_saves_plain_dropout(tiny_bert, tmp_pa
         return speed, losses, result
 
     speed, fast, result = run("fast")
-    assert speed["fast_dropout"] > 0
+    assert speed["fast_dropout"] > 0 and speed["fast_attention_dropout"] is True
     assert speed["reuse_freed_memory"] is (platform.libc_ver()[0] == "glibc")
     _, again, _ = run("again")
     assert again == fast  # same seed, same masks: reproducible
     speed_off, plain, _ = run("plain", fast_dropout=False)
-    assert speed_off["fast_dropout"] == 0
+    assert speed_off["fast_dropout"] == 0 and speed_off["fast_attention_dropout"] is False
     assert plain != fast  # a different random stream, so the runs differ (and both train)
     reloaded = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model")
     assert not [m for m in reloaded.modules() if isinstance(m, FastDropout)]
+    assert reloaded.config._attn_implementation == "sdpa"
+    assert json.loads((result.model_dir / "config.json").read_text()).get("_attn_implementation") in (None, "sdpa")
     assert tunesmith.predict(result.run_dir, ["a fine film"])[0]["label"] in ("pos", "neg")
 
 
@@ -180,3 +193,139 @@ def test_math_attention_gives_the_same_loss_and_gradients():
     math_loss, math_grads = loss_and_grads(128)
     assert abs(flash_loss - math_loss) < 1e-5
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(flash_grads, math_grads))
+
+
+# --------------------------------------------------------------------------- attention dropout
+
+
+class _Attention(nn.Module):
+    """Stands in for a transformers attention module (what `attention_forward` reads of it)."""
+
+    def __init__(self, is_causal=False, groups=1):
+        super().__init__()
+        self.is_causal, self.num_key_value_groups = is_causal, groups
+
+
+def _qkv(batch=3, heads=4, q_len=7, kv_len=7, dim=8, kv_heads=None, dtype=torch.float32):
+    torch.manual_seed(0)
+    return (torch.randn(batch, heads, q_len, dim, dtype=dtype), torch.randn(batch, kv_heads or heads, kv_len, dim, dtype=dtype),
+            torch.randn(batch, kv_heads or heads, kv_len, dim, dtype=dtype))
+
+
+def _padding_mask(batch=3, length=7, kind="bool"):
+    keep = torch.ones(batch, length, dtype=torch.bool)
+    keep[1, 5:], keep[2, 2:] = False, False  # two padded rows
+    mask = keep[:, None, None, :].expand(batch, 1, length, length)
+    return mask if kind == "bool" else torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+
+
+# A keep probability that rounds to 1 (threshold 65536): the fast path runs, every element is kept, the scale is 1.
+NO_DROP = 1e-7
+
+
+@pytest.mark.parametrize("case", ["bool_mask", "float_mask", "no_mask", "causal", "causal_longer_kv", "gqa"])
+def test_attention_forward_computes_what_sdpa_does(case):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = _Attention(is_causal=case.startswith("causal"), groups=2 if case == "gqa" else 1).train()
+    shapes = {"causal_longer_kv": {"q_len": 7, "kv_len": 9}, "gqa": {"kv_heads": 2}}.get(case, {})
+    q, k, v = _qkv(**shapes)
+    mask = {"bool_mask": _padding_mask(), "float_mask": _padding_mask(kind="float")}.get(case)
+    ours, weights = attention_forward(module, q, k, v, mask, dropout=NO_DROP, scaling=0.3)
+    reference, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    assert weights is None and ours.shape == reference.shape == (3, 7, 4, 8)
+    assert torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_attention_forward_bf16_keeps_the_dtype_and_sdpa_numerics():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = _Attention().train()
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, _ = attention_forward(module, q, k, v, _padding_mask(), dropout=NO_DROP)
+        reference, _ = sdpa_attention_forward(module, q, k, v, _padding_mask(), dropout=0.0)
+    assert ours.dtype == torch.bfloat16
+    # SDPA's math kernel computes bf16 inputs in fp32 and rounds once at the end, as attention_forward does.
+    assert (ours.float() - reference.float()).abs().max() <= 2**-7
+
+
+def test_attention_dropout_drops_probabilities_at_the_rate_and_rescales():
+    module = _Attention().train()
+    length = 64
+    torch.manual_seed(1)
+    q, k = torch.randn(8, 4, length, 16), torch.randn(8, 4, length, 16)
+    v = torch.eye(length).expand(8, 4, length, length)  # one-hot values: the output rows are the dropped-out weights
+    probs = torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1)
+    out, _ = attention_forward(module, q, k, v, None, dropout=0.25, scaling=0.25)
+    weights = out.transpose(1, 2)
+    kept = weights != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005
+    scale = 65536 / round(0.75 * 65536)
+    assert torch.allclose(weights[kept], probs[kept] * scale, atol=1e-6)
+    # Unbiased: averaged over draws the output approaches attention without dropout. One draw of a weight w
+    # is w / keep or 0, standard deviation w * sqrt(p / keep); the largest of 131,072 z-scores stays below ~5.
+    draws = 200
+    mean = sum(attention_forward(module, q, k, v, None, dropout=0.25, scaling=0.25)[0] for _ in range(draws)) / draws
+    z = (mean.transpose(1, 2) - probs) / (probs * (0.25 / 0.75) ** 0.5 / draws**0.5)
+    assert z.abs().max() < 6 and abs(z.mean()) < 0.05
+
+
+@pytest.mark.parametrize("situation", ["eval", "no_dropout", "softcap"])
+def test_attention_forward_hands_other_cases_to_sdpa(situation, monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+
+    calls = []
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", lambda *a, **kw: calls.append(kw) or ("sdpa", None))
+    module = _Attention().train(situation != "eval")
+    q, k, v = _qkv()
+    extra = {"softcap": 30.0} if situation == "softcap" else {}
+    out, _ = attention_forward(module, q, k, v, None, dropout=0.0 if situation == "no_dropout" else 0.1, **extra)
+    assert out == "sdpa" and len(calls) == 1
+
+
+def test_use_fast_attention_switches_the_model_and_restores_it(tiny_bert):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    keys = list(model.state_dict())
+    assert model.config._attn_implementation == "sdpa"
+    assert use_fast_attention(model)
+    assert model.config._attn_implementation == ATTENTION_IMPLEMENTATION and list(model.state_dict()) == keys
+    inputs = {"input_ids": torch.randint(5, 50, (2, 6)), "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2])}
+    model.train()(**inputs).logits.sum().backward()  # trains through attention_forward, masks included
+    restore_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    no_dropout = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                          intermediate_size=32, attention_probs_dropout_prob=0.0,
+                                                          attn_implementation="sdpa"))
+    assert not use_fast_attention(no_dropout)  # nothing to draw
+    eager = AutoModelForSequenceClassification.from_pretrained(tiny_bert, attn_implementation="eager")
+    assert not use_fast_attention(eager) and eager.config._attn_implementation == "eager"  # the user's choice stands
+
+
+def test_bert_through_attention_forward_matches_sdpa():
+    """A BERT switched to attention_forward (keep probability 1) gives SDPA's loss and gradients, padding
+    masks included: transformers builds the same masks for it as for `sdpa`."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        attention_probs_dropout_prob=NO_DROP, hidden_dropout_prob=0.0, attn_implementation="sdpa")
+    model = BertForSequenceClassification(config).train()
+    inputs = {"input_ids": torch.randint(5, 100, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    inputs["attention_mask"][2:, 7:] = 0
+    labels = torch.tensor([0, 1, 1, 0])
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    sdpa_loss, sdpa_grads = loss_and_grads()  # torch's math kernel, dropout_p 1e-7: keeps everything
+    assert use_fast_attention(model)
+    ours_loss, ours_grads = loss_and_grads()
+    restore_attention(model)
+    assert abs(sdpa_loss - ours_loss) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(sdpa_grads, ours_grads))

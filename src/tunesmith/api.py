@@ -24,8 +24,7 @@ from .errors import ConfigError
 from .memory import check_memory
 from .methods import apply_method, count_parameters, is_peft
 from .precision import choose_precision
-from .cpu_fastpath import restore_dropout
-from .performance import apply_speed_options, configure_threads
+from .performance import apply_speed_options, configure_threads, restore_speed_options
 from .lock import RunLock, check_unlocked
 from .resume import check_fingerprint, fingerprint, plan_resume
 from .run import check_run_dir, create_run_dir, model_card, provenance, save_config, write_json
@@ -233,7 +232,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
     transformers.set_seed(cfg.train.seed)
     model = load_model(cfg.model, task, state, tokenizer)
     model = apply_method(model, cfg.method, task.peft_task_type)
-    model, speed = apply_speed_options(model, cfg.train, cfg.method.name, threads)
+    model, speed = apply_speed_options(model, cfg.train, cfg.method.name, threads, sequence_head=task.sequence_head)
     warnings += check_memory(model, cfg, precision.precision, encoded["train"])  # ResourceError before the run dir exists
     params = str(count_parameters(model))
     # Only now, with data checked and the model loaded, does the run directory appear (written by
@@ -318,7 +317,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         accelerator.unwrap_model(model))
     for trained in (accelerator.unwrap_model(model), plain):
         if trained is not None:
-            restore_dropout(trained)  # the returned/saved model carries plain nn.Dropout again
+            restore_speed_options(trained)  # the returned/saved model is plain again (nn.Dropout, sdpa, every token)
     if accelerator.is_main_process:  # one writer: under DDP the model and files are written once
         _write_run(run_dir, plain, tokenizer, cfg, task, state, metrics,
                    {"choice": precision.precision, "reason": precision.reason}, warnings, notes, params, speed)

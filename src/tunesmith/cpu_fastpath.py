@@ -39,6 +39,19 @@ has the end-to-end numbers):
    `train.cpu_math_attention_max_length` (128) tokens per sequence; longer batches and
    evaluation (where flash was faster at every length: 1.30x at 32 tokens, 3.2x at 512) keep
    torch's choice. With attention dropout SDPA already runs the math kernel on CPU.
+
+4. **Dropout inside attention.** With attention dropout (BERT, RoBERTa, ELECTRA, GPT-2: 0.1) SDPA
+   runs its math kernel on CPU and draws the dropout mask of every attention-probability matrix
+   with the serial Bernoulli of point 2. `attention_forward` is transformers' SDPA attention with
+   one change: in CPU training with attention dropout it computes the same maths as SDPA's math
+   kernel (q, k and v upcast to fp32 as that kernel does for bf16 inputs, fp32 softmax, output cast
+   back) with a `keep_mask` dropout. `use_fast_attention` switches a model that uses transformers'
+   attention interface from `sdpa` to it for the run (`restore_attention` switches back); every
+   other case — no dropout, evaluation, GPUs, soft-capping, sliding windows, attention sinks,
+   position biases — is handed to transformers' own SDPA function unchanged. Query rows whose keys
+   are all masked (padding rows) get uniform weights instead of SDPA's zeros: no real token reads
+   them, so losses and gradients are unchanged. Measured in bare MiniLM training steps (bf16, batch
+   32 x 32 tokens, Zen 5 EPYC, interleaved A/B): 7% less time per step.
 """
 
 from __future__ import annotations
@@ -86,6 +99,8 @@ _UNIFORM_LEVELS = 1 << 16
 def keep_mask(shape: torch.Size, keep: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
     """Boolean mask (True = keep) with P(True) = threshold / 65536 ~= `keep`, and the scale 1 / that probability."""
     threshold = min(_UNIFORM_LEVELS, max(1, round(keep * _UNIFORM_LEVELS)))
+    if threshold == _UNIFORM_LEVELS:  # p below 2^-17: everything is kept (the shifted threshold would not fit int16)
+        return torch.ones(shape, dtype=torch.bool), 1.0
     count = math.prod(shape)
     words = torch.empty((count + 3) // 4, dtype=torch.int64)
     words.random_(-(2**63), None, generator=generator)  # full 64-bit range: every bit uniform
@@ -95,18 +110,35 @@ def keep_mask(shape: torch.Size, keep: float, generator: torch.Generator | None 
 
 
 class _ScaleByMask(torch.autograd.Function):
-    """x * mask * scale, saving the boolean mask (1 byte per element) rather than a scaled float copy."""
+    """x * mask * scale. For 16-bit x the mask is saved already scaled, in x's dtype: one pass over
+    the data forward and one backward (2 bytes per element, as much as x itself); a bf16 MiniLM
+    dropout took 0.61 instead of 0.81 ms. For fp32 x the boolean mask is saved (1 byte instead of 4)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        if x.element_size() <= 2:
+            scaled = mask.to(x.dtype).mul_(scale)
+            ctx.save_for_backward(scaled)
+            ctx.scale = None
+            return x * scaled
         ctx.save_for_backward(mask)
         ctx.scale = scale
-        return x * mask * scale
+        return (x * mask).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        return grad * mask * ctx.scale, None, None
+        if ctx.scale is None:
+            return grad * mask, None, None
+        return (grad * mask).mul_(ctx.scale), None, None
+
+
+def keep_mask_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
+    """Training-mode dropout of a CPU tensor with a `keep_mask` mask (0 < p < 1)."""
+    mask, scale = keep_mask(x.shape, 1.0 - p)
+    if inplace:
+        return x.mul_(mask).mul_(scale)
+    return _ScaleByMask.apply(x, mask, scale)
 
 
 class FastDropout(nn.Dropout):
@@ -115,10 +147,7 @@ class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.p >= 1.0:
             return super().forward(x)
-        mask, scale = keep_mask(x.shape, 1.0 - self.p)
-        if self.inplace:
-            return x.mul_(mask).mul_(scale)
-        return _ScaleByMask.apply(x, mask, scale)
+        return keep_mask_dropout(x, self.p, self.inplace)
 
 
 def use_fast_dropout(model: nn.Module) -> int:
@@ -149,3 +178,84 @@ def attention_kernel(inputs: dict, device_type: str, max_length: int):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
+
+
+# --------------------------------------------------------------------------- attention dropout
+
+ATTENTION_IMPLEMENTATION = "tunesmith_cpu_sdpa"
+# Options whose maths SDPA-style attention functions implement beyond plain masked softmax attention;
+# any of them sends the call to transformers' own function.
+_SPECIAL_ATTENTION_OPTIONS = ("softcap", "sliding_window", "s_aux", "position_bias", "output_attentions")
+# Config fields of attention-probability dropout across model families.
+_ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", "attn_dropout")
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' `sdpa_attention_forward`, except in CPU training with attention dropout (module docstring, 4)."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    special = any(kwargs.get(option) for option in _SPECIAL_ATTENTION_OPTIONS)
+    if dropout <= 0.0 or dropout >= 1.0 or not module.training or query.device.type != "cpu" or special:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    q_length, kv_length = query.shape[2], key.shape[2]
+    # The causal rule of sdpa_attention_forward (top-left aligned, as torch's `is_causal`).
+    causal = q_length > 1 and attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if causal and kv_length > q_length:
+        key, value, kv_length = key[:, :, :q_length], value[:, :, :q_length], q_length
+    out_dtype = query.dtype
+    with torch.autocast(query.device.type, enabled=False):
+        # SDPA's math kernel computes bf16/fp16 inputs in fp32 (torch's default); so does this.
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2))
+        scores.mul_(scaling if scaling is not None else query.shape[-1] ** -0.5)
+        lowest = torch.finfo(scores.dtype).min
+        if causal:
+            allowed = torch.ones(q_length, kv_length, dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~allowed, lowest)
+        elif attention_mask is not None and attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, lowest)
+        elif attention_mask is not None:
+            scores = scores + attention_mask.float()
+        probs = keep_mask_dropout(torch.softmax(scores, dim=-1), dropout)
+        output = torch.matmul(probs, value.float())
+    return output.transpose(1, 2).to(out_dtype).contiguous(), None
+
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, attention_forward)
+    # Masks are built per implementation name: the same masks as for `sdpa` (an unknown name gets none).
+    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
+
+
+def _attention_dropout(config) -> float:
+    return max((float(getattr(config, f, 0.0) or 0.0) for f in _ATTENTION_DROPOUT_FIELDS), default=0.0)
+
+
+def use_fast_attention(model: nn.Module) -> bool:
+    """Switch a transformers model (or the one inside a peft wrapper) from `sdpa` to `attention_forward`.
+
+    Only models that use transformers' attention interface (`_can_set_attn_implementation`), run
+    `sdpa`, and have attention dropout are switched; returns whether this one was."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa" or _attention_dropout(config) <= 0:
+        return False
+    can_set = getattr(inner, "_can_set_attn_implementation", None)
+    if not callable(can_set) or not can_set():
+        return False
+    _register_attention()
+    inner.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+    return inner.config._attn_implementation == ATTENTION_IMPLEMENTATION
+
+
+def restore_attention(model: nn.Module) -> None:
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if getattr(getattr(inner, "config", None), "_attn_implementation", None) == ATTENTION_IMPLEMENTATION:
+        inner.set_attn_implementation("sdpa")

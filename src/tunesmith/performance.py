@@ -34,8 +34,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .cpu_fastpath import keep_freed_memory, use_fast_dropout
+from .cpu_fastpath import keep_freed_memory, restore_attention, restore_dropout, use_fast_attention, use_fast_dropout
 from .errors import ConfigError
+from .first_token import keep_first_token_only, restore_all_tokens
 
 log = logging.getLogger("tunesmith")
 
@@ -175,15 +176,23 @@ def check_compile_available(device_type: str) -> None:
 
 
 def apply_speed_options(
-    model: nn.Module, train_cfg, method: str, threads: ThreadChoice | None = None
+    model: nn.Module, train_cfg, method: str, threads: ThreadChoice | None = None, sequence_head: bool = False
 ) -> tuple[nn.Module, dict]:
-    """Gradient checkpointing, then `torch.compile`, as configured. Returns the model and a record for provenance."""
+    """The CPU fast path, the first-token shortcut, gradient checkpointing, then `torch.compile`, as
+    configured. Returns the model and a record for provenance.
+
+    `sequence_head`: the task's loss reads only the model's sequence-level head (classification), so
+    the last layer may compute only the token that head reads (`first_token`)."""
     record: dict = {"threads": threads.as_dict() if threads else None, "gradient_checkpointing": False, "torch_compile": False}
     record["reuse_freed_memory"] = keep_freed_memory() if train_cfg.reuse_freed_memory else False
-    # Swapped for the run; `api` puts plain nn.Dropout back when training ends (`restore_dropout`).
+    # Swapped for the run; `api` undoes them when training ends (`restore_speed_options`).
     # Not under torch.compile: inductor generates its own fused dropout (and would trace ours op by op).
     fast = train_cfg.fast_dropout and not train_cfg.torch_compile
     record["fast_dropout"] = use_fast_dropout(model) if fast else 0
+    record["fast_attention_dropout"] = use_fast_attention(model) if fast else False
+    # With the frozen feature cache the encoder runs once, storing every position's output.
+    cached = method == "frozen" and train_cfg.cache_frozen_features
+    record["first_token_only"] = keep_first_token_only(model) if train_cfg.first_token_only and sequence_head and not cached else False
     # `frozen` keeps the encoder in eval mode without gradients: no activations are kept for backward,
     # and with the feature cache the encoder does not even run during training.
     if train_cfg.gradient_checkpointing:
@@ -201,3 +210,10 @@ def apply_speed_options(
             log.info("torch.compile (%s, dynamic shapes): the first training and evaluation steps include compile time",
                      COMPILE_BACKEND)
     return model, record
+
+
+def restore_speed_options(model: nn.Module) -> None:
+    """Undo the class and attention swaps of `apply_speed_options` (the saved and returned model is plain)."""
+    restore_dropout(model)
+    restore_attention(model)
+    restore_all_tokens(model)

@@ -23,6 +23,8 @@ class Task(ABC):
     name: str
     auto_model_class: str  # name of the transformers Auto class, e.g. AutoModelForSequenceClassification
     peft_task_type: str  # peft TaskType, e.g. SEQ_CLS
+    # The loss reads only the model's sequence-level head (one output per sequence), never per-token outputs.
+    sequence_head: bool = False
 
     def reader(self, cfg) -> Callable[[Any, str, str], Table]:
         """Reads one data file (path, encoding, config field) into a Table; task families with their own

@@ -66,6 +66,7 @@ class ClassificationTask(Task):
     name = "classification"
     auto_model_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
+    sequence_head = True
 
     # ------------------------------------------------------------------ labels
 

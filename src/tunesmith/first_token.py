@@ -1,0 +1,87 @@
+"""Sequence classification heads that read one token: the last layer computes only that token.
+
+BERT's pooler, and the classification heads of RoBERTa, XLM-R, CamemBERT and ELECTRA, read the
+last layer's output at the first position only. Every other position of the last layer is computed
+and thrown away: its attention output projection, residual, layer norm and feed-forward block are
+three quarters of the layer's matmuls, 1/8 of a 6-layer model's. Those operations work position by
+position, so the first position's result does not depend on whether the others are computed: the
+last layer's attention (which does need every key and value) runs in full, and from its output on
+only the first position goes through. The outputs and gradients are the same (tests compare them
+within float rounding); only dropout draws fewer random numbers.
+
+`keep_first_token_only` swaps the class of the last layer's attention-output module (`BertSelfOutput`
+and its copies in the other families) for a subclass that cuts its inputs to the first position.
+The state dict, peft adapters inside the module, DDP/FSDP wrapping and deep copies see the same
+module; `restore_all_tokens` swaps the class back. Measured in bare MiniLM training steps (bf16,
+batch 32 x 32 tokens, Zen 5 EPYC, interleaved A/B): 8-9% less time per step.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+# Heads known to read position 0 of the last hidden state and nothing else (checked in their source
+# for transformers 5: BertPooler, RobertaClassificationHead, ElectraClassificationHead and copies).
+FIRST_TOKEN_HEADS = frozenset({
+    "BertForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+    "CamembertForSequenceClassification",
+    "ElectraForSequenceClassification",
+})
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+class _FirstTokenOnly:
+    """Mixin for an attention-output module called as (attention output, residual input)."""
+
+    _tunesmith_all_tokens: type
+
+    def forward(self, hidden_states, input_tensor, *args, **kwargs):
+        return super().forward(hidden_states[:, :1], input_tensor[:, :1], *args, **kwargs)
+
+
+def _first_token_class(cls: type) -> type:
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(f"FirstTokenOnly{cls.__name__}", (_FirstTokenOnly, cls), {"_tunesmith_all_tokens": cls})
+    return _SUBCLASSES[cls]
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)  # peft
+    return get_base() if callable(get_base) else model
+
+
+def _last_attention_output(model: nn.Module) -> nn.Module | None:
+    """The last encoder layer's attention-output module, when the model has the BERT layout."""
+    inner = _transformers_model(model)
+    if type(inner).__name__ not in FIRST_TOKEN_HEADS:
+        return None
+    config = inner.config
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return None
+    body = getattr(inner, inner.base_model_prefix, None)
+    layers = getattr(getattr(body, "encoder", None), "layer", None)
+    if not layers:
+        return None
+    output = getattr(getattr(layers[-1], "attention", None), "output", None)
+    if output is None or not all(hasattr(output, name) for name in ("dense", "dropout")):
+        return None
+    return output
+
+
+def keep_first_token_only(model: nn.Module) -> bool:
+    """Make the last layer compute only the first position; returns whether the model was changed."""
+    output = _last_attention_output(model)
+    if output is None:
+        return False
+    if not isinstance(output, _FirstTokenOnly):
+        output.__class__ = _first_token_class(type(output))
+    return True
+
+
+def restore_all_tokens(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, _FirstTokenOnly):
+            module.__class__ = module._tunesmith_all_tokens
