@@ -96,7 +96,7 @@ def test_token_classification_models_are_left_alone(families):
     assert not keep_first_token_only(AutoModelForTokenClassification.from_pretrained(families("bert"), num_labels=3))
 
 
-def test_training_records_it_and_saves_a_plain_model(tiny_bert, tmp_path):
+def test_training_records_it_and_saves_a_plain_model(tiny_bert, tmp_path, monkeypatch):
     write_csv(tmp_path / "train.csv", sentiment_rows(32))
     test = write_csv(tmp_path / "test.csv", sentiment_rows(12, seed=3))
 
@@ -112,9 +112,23 @@ def test_training_records_it_and_saves_a_plain_model(tiny_bert, tmp_path):
     plain = AutoModelForSequenceClassification.from_pretrained(result.model_dir)
     assert type(plain.bert.encoder.layer[-1].attention.output).__name__ == "BertSelfOutput"
     # The run's test metrics (computed with the first-token shortcut) are those of the plain saved model.
-    again = tunesmith.evaluate(result.run_dir, test)
+    loaded = tunesmith.load(result.run_dir)
+    again = tunesmith.evaluate(loaded, test)
     assert again["loss"] == pytest.approx(result.metrics["test"]["loss"], abs=1e-5)
     assert again["accuracy"] == result.metrics["test"]["accuracy"]
+    # predict and evaluate use the shortcut only while they run: the loaded model stays plain.
+    texts = ["a fine film", "dull and slow", "great cast , thin plot"]
+    from tunesmith import first_token
+
+    calls = []
+    original = first_token._FirstTokenOnly.forward
+    monkeypatch.setattr(first_token._FirstTokenOnly, "forward", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    shortcut = tunesmith.predict(loaded, texts)
+    assert calls  # the last layer ran for the first token only
+    assert not any(type(m).__name__.startswith("FirstTokenOnly") for m in loaded.model.modules())
+    plain_scores = loaded.predict(texts)  # LoadedRun.predict: the plain model, every token computed
+    for a, b in zip(shortcut, plain_scores):
+        assert a["label"] == b["label"] and all(abs(a["scores"][k] - b["scores"][k]) < 1e-6 for k in a["scores"])
 
 
 def test_frozen_with_feature_cache_keeps_every_token(tiny_bert, tmp_path):

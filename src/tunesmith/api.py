@@ -21,6 +21,7 @@ from .data.batching import eval_loader, train_loader
 from .data.splits import data_file_paths, make_splits
 from . import distributed
 from .errors import ConfigError
+from .first_token import first_token_only
 from .memory import check_memory
 from .methods import apply_method, count_parameters, is_peft
 from .precision import choose_precision
@@ -450,7 +451,8 @@ def predict(run_dir: str | os.PathLike | LoadedRun, inputs: list, batch_size: in
     """Predictions for raw inputs (strings, or (text, pair) tuples for sentence-pair models; token
     classification: strings give entity spans, token lists give one tag per token)."""
     loaded = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir)
-    return loaded.predict(inputs, batch_size=batch_size, **options)
+    with first_token_only(loaded.model, loaded.task.sequence_head):
+        return loaded.predict(inputs, batch_size=batch_size, **options)
 
 
 def evaluate(run_dir: str | os.PathLike | LoadedRun, data: str | os.PathLike, batch_size: int = 64) -> dict:
@@ -462,5 +464,6 @@ def evaluate(run_dir: str | os.PathLike | LoadedRun, data: str | os.PathLike, ba
     # Class weights shape the training loss only; evaluation reports the plain loss.
     loss_fn = loaded.task.loss_fn(loaded.config.task, loaded.state, None)
     loader = eval_loader(dataset, loaded.tokenizer, batch_size, loaded.task.collator(loaded.tokenizer))
-    metrics, _ = run_evaluation(loaded.model, loader, loaded.task, loaded.state, loss_fn, make_accelerator("no"))
+    with first_token_only(loaded.model, loaded.task.sequence_head):
+        metrics, _ = run_evaluation(loaded.model, loader, loaded.task, loaded.state, loss_fn, make_accelerator("no"))
     return metrics
