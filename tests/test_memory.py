@@ -48,6 +48,13 @@ def test_estimate_grows_with_batch_and_length():
 def test_attention_scores_are_kept_where_the_kernel_materialises_them():
     model = _bert()
     model.config._attn_implementation = "sdpa"
+    reuse = estimate_training_memory(model, batch_size=8, seq_len=256, device="cpu", heap_reuse=True)
+    plain = estimate_training_memory(model, batch_size=8, seq_len=256, device="cpu")
+    # train.reuse_freed_memory: activations and workspace get glibc's heap fragmentation on top; the rest does not.
+    assert reuse.activations == int(plain.activations * memory.HEAP_FRAGMENTATION)
+    assert (reuse.gradients, reuse.optimizer, reuse.weights) == (plain.gradients, plain.optimizer, plain.weights)
+    assert estimate_training_memory(model, batch_size=8, seq_len=256, device="cuda", heap_reuse=True).activations == (
+        estimate_training_memory(model, batch_size=8, seq_len=256, device="cuda").activations)
     sdpa_gpu = estimate_training_memory(model, batch_size=8, seq_len=256, device="cuda")
     sdpa_cpu = estimate_training_memory(model, batch_size=8, seq_len=256, device="cpu")
     model.config._attn_implementation = "eager"
@@ -126,7 +133,7 @@ def test_suggested_batch_fits_and_keeps_the_global_batch(tiny_bert, sentiment_cs
     model = _bert()
     cfg = parse_config(_cfg(tmp_path, tiny_bert, sentiment_csv, per_device_train_batch_size=64, gradient_accumulation_steps=1))
     cfg.task.max_length = 128
-    need = lambda b: estimate_training_memory(model, batch_size=b, seq_len=128, eval_batch_size=64).needed  # noqa: E731
+    need = lambda b: estimate_training_memory(model, batch_size=b, seq_len=128, eval_batch_size=64, heap_reuse=cfg.train.reuse_freed_memory).needed  # noqa: E731
     _little_ram(monkeypatch, int(need(8) / memory.WARN_SHARE) + 1)  # batch 8 just fits under the warning share
     with pytest.raises(ResourceError) as caught:
         check_memory(model, cfg, "fp32")
@@ -139,7 +146,7 @@ def test_near_the_limit_is_a_warning(tiny_bert, sentiment_csv, tmp_path, monkeyp
     model = _bert()
     cfg = parse_config(_cfg(tmp_path, tiny_bert, sentiment_csv, per_device_train_batch_size=16))
     cfg.task.max_length = 128
-    need = estimate_training_memory(model, batch_size=16, seq_len=128, eval_batch_size=64).needed
+    need = estimate_training_memory(model, batch_size=16, seq_len=128, eval_batch_size=64, heap_reuse=cfg.train.reuse_freed_memory).needed
     _little_ram(monkeypatch, int(need / 0.9))
     (warning,) = check_memory(model, cfg, "fp32")
     assert warning.startswith("memory: estimated peak training memory") and "is 90% of the" in warning
@@ -177,7 +184,8 @@ def test_estimate_matches_the_peak_rss_of_a_real_run(tmp_path):
         def spy(model, cfg, precision, data, device=None):
             seen["rss"] = psutil.Process().memory_info().rss
             from tunesmith.memory import estimate_training_memory
-            seen["estimate"] = estimate_training_memory(model, batch_size=16, seq_len=256, eval_batch_size=64).training
+            seen["estimate"] = estimate_training_memory(model, batch_size=16, seq_len=256, eval_batch_size=64,
+                                                        heap_reuse=cfg.train.reuse_freed_memory).training
             return check(model, cfg, precision, data, device)
         api.check_memory = spy
         tunesmith.train({{"data": {{"train_file": {str(tmp_path / "train.csv")!r}, "max_eval_samples": 32}},
