@@ -10,6 +10,8 @@ system runs in its own child process so peak RSS is its own:
   (b+) (b) with tunesmith's allocator setting (`reuse_freed_memory`), which any PyTorch loop can
       take (jemalloc or tcmalloc via LD_PRELOAD do the same): how much of (c)'s lead is the allocator
   (c) tunesmith defaults
+  (f) tunesmith `method: frozen` with its feature cache (default on), for `--frozen-epochs` epochs:
+      the encoder runs once, then only the head trains; compared per epoch with (c)
   (d) tunesmith defaults + `train.torch_compile` (with `--compile`; the first steps include the
       compile, which is part of the cost of compiling a one-epoch run)
 
@@ -47,8 +49,8 @@ from tunesmith.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model, measure
 
 BATCH, LR, MAX_LENGTH, SEED = 32, 5e-5, 128, 0
 LABELS = {"trainer-defaults": "(a)", "trainer-best": "(b)", "trainer-best-allocator": "(b+)", "tunesmith": "(c)",
-          "tunesmith-compile": "(d)", "tunesmith-no-first-token": "(c-)", "tunesmith-no-fast-dropout": "(c-)",
-          "tunesmith-no-fast-path": "(c-)"}
+          "tunesmith-compile": "(d)", "tunesmith-frozen": "(f)", "tunesmith-no-first-token": "(c-)",
+          "tunesmith-no-fast-dropout": "(c-)", "tunesmith-no-fast-path": "(c-)"}
 # tunesmith with train options changed: (d), and ablations of (c) that show what each fast-path option is worth.
 TUNESMITH_OPTIONS = {
     "tunesmith-compile": {"torch_compile": True},
@@ -77,7 +79,8 @@ def child(system: str, split_dir: Path, epochs: float, out: Path) -> None:
         classification.SETTINGS["epochs"] = epochs
         name, _, precision = system.partition(":")
         extra = {**TUNESMITH_OPTIONS, "tunesmith-scaling": {"eval_strategy": "no"}}.get(name)
-        row = run_tunesmith(paths, "full", split_dir / "runs", precision or "auto", extra)
+        method = "frozen" if name == "tunesmith-frozen" else "full"
+        row = run_tunesmith(paths, method, split_dir / "runs", precision or "auto", extra)
         if name in TUNESMITH_OPTIONS:
             row["system"] += " + " + " ".join(f"{k}={v}" for k, v in extra.items())
     else:
@@ -185,6 +188,31 @@ def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 5
     return rows
 
 
+def frozen_speedup(rows: list[dict]) -> dict | None:
+    """Seconds per training epoch of (c) full fine-tuning against (f) frozen with the feature cache.
+
+    Training alone on both sides (in-loop evaluation taken out). `per_epoch`: once the features are
+    cached, the issue's measure; `first_epoch`: (f)'s first epoch carries the encoder's one pass over
+    train, validation and test; `amortised`: that pass spread over (f)'s epochs."""
+    import statistics
+
+    def per_epoch(r: dict) -> float:
+        return (r["train_seconds"] - r["eval_seconds"]) / r["epochs"]
+
+    full = [per_epoch(r) for r in rows if r["system_key"] == "tunesmith"]
+    frozen = [r for r in rows if r["system_key"] == "tunesmith-frozen"]
+    if not full or not frozen:
+        return None
+    full_epoch = statistics.mean(full)
+    head_epoch = statistics.mean(per_epoch(r) for r in frozen)
+    cache = statistics.mean(r["feature_cache_seconds"] for r in frozen)
+    epochs = frozen[0]["epochs"]
+    return {"full_epoch_seconds": full_epoch, "frozen_head_epoch_seconds": head_epoch, "feature_cache_seconds": cache,
+            "frozen_epochs": epochs, "per_epoch": full_epoch / head_epoch, "first_epoch": full_epoch / (head_epoch + cache),
+            "amortised": full_epoch / (head_epoch + cache / epochs),
+            "frozen_test_accuracy": statistics.mean(r["test_accuracy"] for r in frozen)}
+
+
 def run_child(system: str, split_dir: Path, epochs: float, seed: int = SEED) -> dict:
     out = split_dir / f"{system.replace(':', '-')}-seed{seed}.json"
     start = time.perf_counter()
@@ -222,8 +250,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--systems", nargs="+", default=None, choices=list(LABELS),
-                        help="default: (a), (b), (b+), (c); (c) only with --quick")
+                        help="default: (a), (b), (b+), (c), (f); (c) and (f) only with --quick")
     parser.add_argument("--compile", action="store_true", help="Also run (d): tunesmith with train.torch_compile.")
+    parser.add_argument("--frozen-epochs", type=float, default=3.0, help="Epochs of (f), frozen with the feature cache.")
     parser.add_argument("--fractions", nargs="*", type=float, default=[0.25, 0.5, 1.0],
                         help="Shares of the train rows for the data-size scaling (none: skip it).")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N shuffled rows (smoke test).")
@@ -238,8 +267,8 @@ def main() -> None:
     if args.child:
         child(args.child[0], Path(args.child[1]), args.epochs, Path(args.child[2]))
         return
-    systems = args.systems or (["tunesmith"] if args.quick else
-                               ["trainer-defaults", "trainer-best", "trainer-best-allocator", "tunesmith"])
+    systems = args.systems or (["tunesmith", "tunesmith-frozen"] if args.quick else
+                               ["trainer-defaults", "trainer-best", "trainer-best-allocator", "tunesmith", "tunesmith-frozen"])
     if args.compile and "tunesmith-compile" not in systems:
         systems.append("tunesmith-compile")
     limit = args.limit or (240 if args.quick else None)
@@ -259,7 +288,8 @@ def main() -> None:
         make_split(split_dir, limit)
         for seed in args.seeds:
             for system in systems:
-                rows.append(run_child(system, split_dir, args.epochs, seed))
+                epochs = args.frozen_epochs if system == "tunesmith-frozen" else args.epochs
+                rows.append(run_child(system, split_dir, epochs, seed))
                 print(json.dumps(rows[-1]))
         precision = next((r["precision"] for r in rows if r["system"].startswith("tunesmith")), "fp32")
         scaling_data = data_scaling(split_dir, args.epochs, precision, args.fractions) if args.fractions else []
@@ -275,6 +305,13 @@ def main() -> None:
         ratio = lambda ref: f"{r['train_samples_per_second'] / ref:.2f}x" if ref else "—"
         print(f"| {LABELS[system]} {r['system']} | {r['accuracy_text']} | {r['sps_text']} | {ratio(a)} | "
               f"{ratio(b)} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['precision']} |")
+    frozen = frozen_speedup(rows)
+    if frozen:
+        print(f"\n(f) frozen + feature cache vs (c) full fine-tuning, seconds per training epoch (in-loop evaluation "
+              f"excluded): full {frozen['full_epoch_seconds']:.2f} s, frozen head {frozen['frozen_head_epoch_seconds']:.3f} s "
+              f"-> {frozen['per_epoch']:.0f}x per epoch; the encoder's one pass {frozen['feature_cache_seconds']:.1f} s "
+              f"(first epoch with it: {frozen['first_epoch']:.1f}x; spread over {frozen['frozen_epochs']:g} epochs: "
+              f"{frozen['amortised']:.1f}x); (f) test accuracy {frozen['frozen_test_accuracy']:.3f}")
     print(f"\nGEMM peak ({precision}, 2048^3): {peak:.0f} GFLOP/s (and again next to each step timing below)")
     print("| seq len | step s (batch 32) | tokens/s | GEMM peak GFLOP/s | MFU (model FLOPs) | executed FLOPs / peak |")
     print("|---|---|---|---|---|---|")
@@ -291,6 +328,7 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"cpu": cpu_model(), "flags": flags, "bf16_speedup": speedup, "seeds": args.seeds,
                                   "summary": summary, "results": rows,
+                                  "frozen_vs_full": frozen,
                                   "gemm_peak_gflops": peak, "sequence_scaling": scaling, "data_scaling": scaling_data,
                                   "quick": args.quick}, indent=2) + "\n")
     print(f"\nwrote {output}")

@@ -185,46 +185,54 @@ def test_accelerate_launch_fsdp_on_cpu_shards_and_matches_one_process(tmp_path):
 
 def _fsdp2_worker(rank: int, world: int, init_file: str, model_dir: str) -> None:
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    from transformers import AutoModelForSequenceClassification
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-        model.bert.embeddings.requires_grad_(False)  # frozen weights stay out of the trainable state
-        unsharded_keys = set(model.state_dict())
-        original = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        for layer in model.bert.encoder.layer:
-            fully_shard(layer)
-        fully_shard(model)
-        assert distributed.sharding(model) == "fsdp2"
-        assert type(model.bert.encoder.layer[0].attention.self.query.weight).__name__ == "DTensor"
-
-        gathered = distributed.gather_state(model)
-        assert gathered.keys() == original.keys()
-        assert all(torch.equal(gathered[k], original[k]) for k in original)
-
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        ids = torch.randint(5, 60, (4, 9), generator=torch.Generator().manual_seed(rank))
-        model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
-        optimizer.step()
-        trained = distributed.gather_state(model)
-        assert not torch.equal(trained["classifier.weight"], original["classifier.weight"])
-        # Every process gathered the same full weights.
-        reference = [trained] if rank == 0 else [None]
-        dist.broadcast_object_list(reference, src=0)
-        assert all(torch.equal(trained[k], reference[0][k]) for k in trained)
-
-        # Restore the original weights: process 0 alone holds them, the others receive their shards.
-        distributed.load_trainable_state(model, original if rank == 0 else None)
-        restored = distributed.gather_state(model)
-        assert all(torch.equal(restored[k], original[k]) for k in original)
-        full = distributed.gather_state(model, trainable_only=False)
-        assert set(full) == unsharded_keys and all(v.device.type == "cpu" for v in full.values())
+        _fsdp2_checks(rank, model_dir)
+        # The sharded model is out of scope now: collected, barrier, then teardown (see end_process_group).
+        distributed.end_process_group()
     finally:
-        dist.destroy_process_group()
+        distributed.end_process_group(finished=False)
+
+
+def _fsdp2_checks(rank: int, model_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    model.bert.embeddings.requires_grad_(False)  # frozen weights stay out of the trainable state
+    unsharded_keys = set(model.state_dict())
+    original = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+    assert distributed.sharding(model) == "fsdp2"
+    assert type(model.bert.encoder.layer[0].attention.self.query.weight).__name__ == "DTensor"
+
+    gathered = distributed.gather_state(model)
+    assert gathered.keys() == original.keys()
+    assert all(torch.equal(gathered[k], original[k]) for k in original)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(5, 60, (4, 9), generator=torch.Generator().manual_seed(rank))
+    model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    optimizer.step()
+    trained = distributed.gather_state(model)
+    assert not torch.equal(trained["classifier.weight"], original["classifier.weight"])
+    # Every process gathered the same full weights.
+    reference = [trained] if rank == 0 else [None]
+    dist.broadcast_object_list(reference, src=0)
+    assert all(torch.equal(trained[k], reference[0][k]) for k in trained)
+
+    # Restore the original weights: process 0 alone holds them, the others receive their shards.
+    distributed.load_trainable_state(model, original if rank == 0 else None)
+    restored = distributed.gather_state(model)
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+    full = distributed.gather_state(model, trainable_only=False)
+    assert set(full) == unsharded_keys and all(v.device.type == "cpu" for v in full.values())
 
 
 def test_fsdp2_sharded_weights_gather_and_restore_on_cpu(tiny_bert, tmp_path):

@@ -76,3 +76,29 @@ def test_two_processes_match_one(tmp_path):
                           capture_output=True, text=True, env=launch_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_matches_single_run(single, tmp_path / "ddp")
+
+
+_GROUP = """
+import os, torch.distributed as dist
+from tunesmith.distributed import end_process_group
+end_process_group()  # no group: nothing to do
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
+work = dist.all_reduce(__import__("torch").ones(4), async_op=True)
+work.wait()
+end_process_group()
+print(dist.is_initialized())
+end_process_group(finished=False)  # again: nothing left to close
+"""
+
+
+def test_end_process_group_closes_the_group_before_exit():
+    # Left to interpreter exit, gloo's threads could abort the process (SIGABRT, exit -6) after a finished run.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-c", _GROUP], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PORT": str(port)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "False"

@@ -24,6 +24,9 @@ def test_cached_and_uncached_frozen_training_agree(pretrained_tiny_bert, sentime
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     losses = lambda run: [r["loss"] for r in map(json.loads, (run.run_dir / "log.jsonl").read_text().splitlines()) if r["type"] == "train"]
     assert torch.allclose(torch.tensor(losses(cached)), torch.tensor(losses(plain)), atol=1e-5)
+    # The encoder's one pass is timed on its own; the uncached run has no such pass.
+    assert cached.metrics["train"]["feature_cache_seconds"] > 0
+    assert "feature_cache_seconds" not in plain.metrics["train"]
     # The saved model carries the real encoder (unchanged), not the cache.
     base = AutoModelForSequenceClassification.from_pretrained(pretrained_tiny_bert).state_dict()
     assert all(torch.equal(a[k], base[k]) for k in a if k.startswith("bert.encoder"))

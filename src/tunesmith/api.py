@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,11 +265,15 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
             if s in encoded
         },
     }
+    feature_cache_seconds = None
     if cfg.method.name == "frozen" and cfg.train.cache_frozen_features:
         from .features import cache_body
 
+        # The encoder's one pass, before the loop: not part of train_seconds, reported next to it.
+        cache_start = time.perf_counter()
         everything = [eval_loader(encoded["train"], tokenizer, cfg.train.per_device_eval_batch_size, collator)]
         cache_body(model, everything + [loaders[s] for s in ("validation", "test") if s in loaders], accelerator.autocast)
+        feature_cache_seconds = round(time.perf_counter() - cache_start, 3)
     skeleton = _maybe_shard(model, cfg, accelerator, launcher_fsdp, reshard, speed)
     loop = train_loop(
         model=model,
@@ -302,6 +307,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         "samples_per_second": loop.samples_per_second,
         "train_seconds": loop.train_seconds,
         "eval_seconds": loop.eval_seconds,
+        **({"feature_cache_seconds": feature_cache_seconds} if feature_cache_seconds is not None else {}),
         "padding_share": loop.padding_share,
         "stopped_early": loop.stopped_early,
         "best_step": loop.best_step,

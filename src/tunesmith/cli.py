@@ -93,10 +93,15 @@ def train(
     _setup_logging()
     from . import api
 
+    from .distributed import end_process_group
+
     try:
         result = api.train(config, overrides or [], show_progress=not quiet, resume=resume, overwrite=overwrite)
     except TunesmithError as err:
+        end_process_group(finished=False)
         _fail(err)
+    # This process owns the group (torchrun / accelerate launch): close it before the interpreter exits.
+    end_process_group()
     if os.environ.get("RANK", "0") != "0":
         return  # under DDP the main process reports
     _print_metrics("validation (best checkpoint)", result.metrics["validation"])
