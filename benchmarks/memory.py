@@ -1,8 +1,8 @@
 """Calibration of the memory preflight (`tunesmith.memory`) against the peak RSS of real runs.
 
 Bundled MiniLM, 3 optimizer steps on texts that fill `max_length`, evaluation batch 64, one
-subprocess per setting: `tunesmith.train` runs with `check_memory` wrapped to record the RSS when the
-check runs and the estimate (`MemoryEstimate.training`); "measured" is the growth of peak RSS
+subprocess per setting: `tunesmith.train` runs with the preflight's `estimate_training_memory` wrapped to
+record the RSS when the check runs and its estimate (`MemoryEstimate.training`); "measured" is the growth of peak RSS
 (`ru_maxrss`) over that RSS. Prints the table of RELIABILITY.md and writes JSON.
 
     python benchmarks/memory.py                 # the nine settings, about 5 minutes on 2 cores
@@ -39,22 +39,20 @@ SETTINGS = [
 CHILD = """
 import json, random, resource, sys
 import pandas as pd, psutil
-import tunesmith, tunesmith.api as api
-from tunesmith.memory import estimate_training_memory
+import tunesmith, tunesmith.memory as memory
 batch, length, method, precision, extra, folder = json.loads(sys.argv[1])
 words = "the film was good bad great awful story plot acting music scene".split()
 rng = random.Random(0)
 rows = [{"text": " ".join(rng.choice(words) for _ in range(3 * length)), "label": i % 2} for i in range(5 * batch)]
 pd.DataFrame(rows).to_csv(folder + "/train.csv", index=False)
 seen = {}
-check = api.check_memory
-def spy(model, cfg, precision_, data, device=None):
-    seen["rss"] = psutil.Process().memory_info().rss
-    seen["estimate"] = estimate_training_memory(model, batch_size=batch, seq_len=length, eval_batch_size=64,
-                                                precision=precision_, gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                                heap_reuse=cfg.train.reuse_freed_memory).training
-    return check(model, cfg, precision_, data, device)
-api.check_memory = spy
+estimate = memory.estimate_training_memory
+def spy(*args, **kwargs):  # the preflight's own estimate, with the arguments it derived from the config and data
+    found = estimate(*args, **kwargs)
+    if "estimate" not in seen:  # the first call prices the configured batch; later ones only price suggestions
+        seen["rss"], seen["estimate"] = psutil.Process().memory_info().rss, found.training
+    return found
+memory.estimate_training_memory = spy
 method_cfg = {"name": method, **({"last_n_layers": 2} if method == "last_n" else {})}
 tunesmith.train({"data": {"train_file": folder + "/train.csv", "max_eval_samples": 32}, "method": method_cfg,
                  "task": {"max_length": length}, "output": {"dir": folder + "/run"},

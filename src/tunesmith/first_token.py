@@ -93,8 +93,10 @@ def restore_all_tokens(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def first_token_only(model: nn.Module, enabled: bool = True):
-    """`keep_first_token_only` for the duration of a block (inference on a loaded model), then restored."""
-    changed = enabled and not any(isinstance(m, _FirstTokenOnly) for m in model.modules()) and keep_first_token_only(model)
+    """`keep_first_token_only` for the duration of a block (inference on a loaded model), then restored;
+    a model that already has it (a training run's) is left as it is."""
+    output = _last_attention_output(model) if enabled else None
+    changed = output is not None and not isinstance(output, _FirstTokenOnly) and keep_first_token_only(model)
     try:
         yield changed
     finally:
