@@ -21,6 +21,7 @@ from .config import ModelConfig, RunConfig, coerce_config, parse_config
 from .data.batching import eval_loader, train_loader
 from .data.splits import data_file_paths, make_splits
 from . import distributed
+from .embedding_rows import dataset_token_ids, train_seen_rows_only
 from .errors import ConfigError
 from .first_token import first_token_only
 from .memory import check_memory
@@ -235,6 +236,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
     model = load_model(cfg.model, task, state, tokenizer)
     model = apply_method(model, cfg.method, task.peft_task_type)
     model, speed = apply_speed_options(model, cfg.train, cfg.method.name, threads, sequence_head=task.sequence_head)
+    speed["skip_unseen_embedding_rows"] = _skip_unseen_rows(model, cfg, device, encoded["train"], tokenizer)
     warnings += check_memory(model, cfg, precision.precision, encoded["train"])  # ResourceError before the run dir exists
     params = str(count_parameters(model))
     # Only now, with data checked and the model loaded, does the run directory appear (written by
@@ -330,6 +332,15 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
                    {"choice": precision.precision, "reason": precision.reason}, warnings, notes, params, speed)
     accelerator.wait_for_everyone()
     return RunResult(run_dir, metrics, loop.best_metric, loop.best_step, warnings)
+
+
+def _skip_unseen_rows(model, cfg: RunConfig, device: torch.device, train_data, tokenizer) -> dict | bool:
+    """`train.skip_unseen_embedding_rows` where it applies (CPU, no sharding); see `embedding_rows`."""
+    if not cfg.train.skip_unseen_embedding_rows or device.type != "cpu" or cfg.train.fsdp:
+        return False
+    if distributed.requested_strategy() == "deepspeed":
+        return False
+    return train_seen_rows_only(model, dataset_token_ids(train_data), [tokenizer.pad_token_id]) or False
 
 
 def _launcher_fsdp(cfg: RunConfig) -> bool:

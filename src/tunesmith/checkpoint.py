@@ -280,7 +280,7 @@ def restore_checkpoint(checkpoint: Checkpoint, *, model: torch.nn.Module, optimi
     if accelerator.is_main_process or not sharded:
         try:
             state = load_file(str(path / "trainable.safetensors"))
-            expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+            expected = {n: p.shape for n, p in distributed.trainable_tensors(model)}
             if set(state) != set(expected) or any(tuple(state[n].shape) != tuple(expected[n]) for n in expected):
                 missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
                 problem = f"missing {missing[:3]}, unexpected {extra[:3]}" if missing or extra else "parameter shapes differ"

@@ -240,6 +240,12 @@ class TrainConfig(Section):
         "1.15x at 256); matters for models without attention dropout. 0: torch's choice always. Evaluation keeps "
         "torch's choice."
     )
+    skip_unseen_embedding_rows: bool = Field(
+        True, description="CPU training: the input-embedding rows of tokens that never occur in the training data get "
+        "no gradient, so AdamW only decays them; they are kept out of the gradient, clipping and optimizer, and decayed "
+        "by the same fp32 multiply AdamW makes: a bit-identical model, 4% faster MiniLM steps on Rotten Tomatoes "
+        "(12,026 of 30,522 rows trained). Only a trained, untied `nn.Embedding`; not under FSDP2/DeepSpeed."
+    )
     reuse_freed_memory: bool = Field(
         True, description="glibc only: serve large blocks from the heap and never trim it (mallopt), so each step "
         "reuses memory instead of page-faulting fresh zeroed pages (MiniLM steps 1.3x faster at 32 tokens, 1.6-1.9x "

@@ -186,8 +186,19 @@ def _full(tensor: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
     return full.detach().cpu().clone() if keep else None
 
 
+def trainable_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of what training changes: the trainable parameters, plus the tensors modules list
+    in `extra_training_state()` (the embedding rows that only decay, `embedding_rows`), named under the module."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for prefix, module in model.named_modules():
+        extra = getattr(module, "extra_training_state", None)
+        if callable(extra):
+            named += [(f"{prefix}.{key}" if prefix else key, tensor) for key, tensor in extra().items()]
+    return named
+
+
 def gather_state(model: nn.Module, accelerator=None, trainable_only: bool = True, keep: bool = True) -> dict[str, torch.Tensor]:
-    """Full (unsharded) CPU copies of the model's trainable parameters, or of its whole state dict.
+    """Full (unsharded) CPU copies of the model's `trainable_tensors`, or of its whole state dict.
 
     A collective under sharding: every process must call it, at the same point. Without sharding it
     is a plain copy (and needs no other process). Keys are the model's own parameter names.
@@ -205,7 +216,7 @@ def gather_state(model: nn.Module, accelerator=None, trainable_only: bool = True
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     if accelerator is not None and kind is None:
         model = accelerator.unwrap_model(model)
-    items = ((n, p) for n, p in model.named_parameters() if p.requires_grad) if trainable_only else model.state_dict().items()
+    items = trainable_tensors(model) if trainable_only else model.state_dict().items()
     if not keep and kind == "fsdp2":
         for _, value in items:
             _full(value, keep=False)
@@ -215,7 +226,7 @@ def gather_state(model: nn.Module, accelerator=None, trainable_only: bool = True
 
 @torch.no_grad()
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None, accelerator=None) -> None:
-    """Copy full tensors into the (possibly sharded) trainable parameters.
+    """Copy full tensors into the (possibly sharded) `trainable_tensors`.
 
     Under sharding only the main process needs `state` (others pass None): its values are scattered
     to every process. A collective under sharding, like `gather_state`."""
@@ -234,9 +245,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None
         return
     if accelerator is not None and kind is None:
         model = accelerator.unwrap_model(model)
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
+    for name, param in trainable_tensors(model):
         if isinstance(param, DTensor):
             source = state[name] if state is not None else torch.empty(param.shape, dtype=param.dtype)
             # distribute_tensor scatters process 0's values; the other processes' `source` only gives the shape.

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .cpu_fastpath import keep_freed_memory, restore_attention, restore_dropout, use_fast_attention, use_fast_dropout
+from .embedding_rows import restore_embedding
 from .errors import ConfigError
 from .first_token import keep_first_token_only, restore_all_tokens
 
@@ -213,7 +214,9 @@ def apply_speed_options(
 
 
 def restore_speed_options(model: nn.Module) -> None:
-    """Undo the class and attention swaps of `apply_speed_options` (the saved and returned model is plain)."""
+    """Undo the class, attention and embedding swaps of `apply_speed_options` and `api` (the saved and
+    returned model is plain)."""
+    restore_embedding(model)
     restore_dropout(model)
     restore_attention(model)
     restore_all_tokens(model)

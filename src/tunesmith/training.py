@@ -32,6 +32,7 @@ from transformers import get_scheduler
 from .config import TrainConfig
 from .cpu_fastpath import attention_kernel
 from .data.batching import padding_share
+from .embedding_rows import decay_unseen_rows
 from . import distributed
 from .checkpoint import Checkpoint, any_process, fsync_file, remove_partial, restore_checkpoint, restore_rng, save_checkpoint
 from .errors import ConfigError, TunesmithError
@@ -199,6 +200,7 @@ def train_loop(
     steps_per_epoch = max(1, math.ceil(len(train_loader) / train_cfg.gradient_accumulation_steps))
     total_steps = train_cfg.max_steps if train_cfg.max_steps > 0 else math.ceil(train_cfg.num_train_epochs * steps_per_epoch)
     optimizer = make_optimizer(model, train_cfg)
+    decay_unseen_rows(model, optimizer)  # where the embedding trains only the data's rows (`embedding_rows`)
     scheduler = get_scheduler(
         train_cfg.lr_scheduler_type,
         optimizer,
