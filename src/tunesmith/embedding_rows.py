@@ -63,10 +63,9 @@ class SeenRowsEmbedding(nn.Module):
         self.decayed_at_step: int | None = None  # AdamW's step count when the unseen rows last decayed
         self._merged: torch.Tensor | None = None
         self._merged_versions: tuple[int, int] | None = None
-        # The original module, unregistered (its weight would otherwise be a parameter twice); its
-        # storage is released for the run and refilled by `restore_embedding`.
+        # The original module, unregistered (its weight would otherwise be a parameter twice); once the
+        # swap is done its storage is released for the run, and `restore_embedding` refills it.
         object.__setattr__(self, "original", embedding)
-        embedding.weight.data = torch.empty(0, dtype=weight.dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
@@ -124,7 +123,11 @@ def train_seen_rows_only(model: nn.Module, token_ids: Iterable, extra_ids: Itera
         return None  # ids outside the vocabulary: the model's own embedding reports them
     if 1.0 - len(seen) / rows < MIN_UNSEEN_SHARE:
         return None
-    model.set_input_embeddings(SeenRowsEmbedding(embedding, torch.from_numpy(seen)))
+    try:
+        model.set_input_embeddings(SeenRowsEmbedding(embedding, torch.from_numpy(seen)))
+    except (NotImplementedError, AttributeError):  # a model without a setter: train every row
+        return None
+    embedding.weight.data = torch.empty(0, dtype=embedding.weight.dtype)
     log.info("input embedding: training the %d of %d rows whose tokens occur in the training data; the other rows "
              "only get AdamW's weight decay, applied directly (train.skip_unseen_embedding_rows)", len(seen), rows)
     return {"trained_rows": int(len(seen)), "rows": int(rows)}
