@@ -279,6 +279,42 @@ def test_attention_forward_bf16_keeps_the_dtype_and_sdpa_numerics():
     assert (ours.float() - reference.float()).abs().max() <= 2**-7
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", None])
+def test_a_broadcast_query_computes_its_one_row(dropout, mask_kind, monkeypatch):
+    from tunesmith import cpu_fastpath
+
+    module = _Attention().train()
+    q, k, v = _qkv()
+    first = q[:, :, :1].clone().requires_grad_()
+    broadcast = first.expand_as(q)  # what first_token.FirstPositionQuery hands the attention
+    mask = _padding_mask(kind=mask_kind) if mask_kind else None
+    shapes = []
+    original = cpu_fastpath.keep_mask
+    monkeypatch.setattr(cpu_fastpath, "keep_mask", lambda shape, keep, *a: shapes.append(tuple(shape)) or original(shape, keep, *a))
+    torch.manual_seed(1)
+    out, _ = attention_forward(module, broadcast, k, v, mask, dropout=dropout, scaling=0.3)
+    torch.manual_seed(1)
+    row, _ = attention_forward(module, q[:, :, :1], k, v, None if mask is None else mask[:, :, :1], dropout=dropout, scaling=0.3)
+    assert out.shape == (3, 7, 4, 8) and out.stride(1) == 0  # one row, broadcast back
+    assert torch.equal(out[:, :1], row)
+    if dropout:
+        assert shapes == [(3, 4, 1, 7)] * 2  # dropout drew masks for one query row, not seven
+    full, _ = attention_forward(module, q, k, v, mask, dropout=NO_DROP, scaling=0.3)
+    if not dropout:
+        assert torch.allclose(out[:, 0], full[:, 0], atol=1e-6)  # the first row of the full attention
+    out.sum().backward()
+    assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_a_broadcast_query_of_a_causal_attention_without_mask_is_computed_in_full():
+    module = _Attention(is_causal=True).train()
+    q, k, v = _qkv()
+    broadcast = q[:, :, :1].expand_as(q)
+    out, _ = attention_forward(module, broadcast, k, v, None, dropout=NO_DROP, scaling=0.3)
+    assert out.stride(1) != 0  # every row computed: each sees a different prefix of the keys
+
+
 def test_attention_dropout_drops_probabilities_at_the_rate_and_rescales():
     module = _Attention().train()
     length = 64

@@ -64,6 +64,25 @@ def test_same_logits_and_gradients(family, mode, families):
     assert type(last).__name__.endswith("SelfOutput") and not type(last).__name__.startswith("FirstTokenOnly")
 
 
+def test_the_last_query_projection_runs_for_one_position(families):
+    from tunesmith.first_token import FirstPositionQuery
+
+    source = families("bert")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = _no_dropout(AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)).train()
+    assert keep_first_token_only(model)
+    query = model.bert.encoder.layer[-1].attention.self.query
+    assert type(query) is FirstPositionQuery and type(model.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
+    seen = []
+    query.register_forward_hook(lambda m, args, out: seen.append((args[0].shape, out.shape, out.stride())))
+    batch = _batch(tokenizer)
+    model(**batch)
+    (inputs, outputs, strides), = seen
+    assert outputs == inputs[:-1] + (query.out_features,) and strides[1] == 0  # broadcast, never materialised
+    restore_all_tokens(model)
+    assert type(query) is torch.nn.Linear
+
+
 def test_lora_model_and_copies(families):
     import peft
 

@@ -199,6 +199,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     """transformers' `sdpa_attention_forward`, except in CPU training with attention dropout (module docstring, 4)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+    length = query.shape[2]
+    if _one_query_row(module, query, attention_mask, is_causal):
+        # A query broadcast along the sequence (`first_token.FirstPositionQuery`): every row is the
+        # first one's, so compute that row and broadcast the result.
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1:
+            attention_mask = attention_mask[:, :, :1]
+        output, weights = attention_forward(module, query[:, :, :1], key, value, attention_mask, dropout, scaling,
+                                            is_causal=False, **kwargs)
+        return output.expand(output.shape[0], length, *output.shape[2:]), weights
     special = any(kwargs.get(option) for option in _SPECIAL_ATTENTION_OPTIONS)
     if dropout <= 0.0 or dropout >= 1.0 or not module.training or query.device.type != "cpu" or special:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -228,6 +237,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         output = torch.matmul(probs, value.float())
     return output.transpose(1, 2).to(out_dtype).contiguous(), None
 
+
+
+def _one_query_row(module, query: torch.Tensor, attention_mask, is_causal) -> bool:
+    """Whether `query` is one row broadcast along the sequence (stride 0) and computing that row alone
+    is the same attention: a mask gives each row its own, and without one the attention must not be causal."""
+    if query.dim() != 4 or query.shape[2] <= 1 or query.stride(2) != 0:
+        return False
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return attention_mask is not None or not causal
 
 
 def _register_attention() -> None:

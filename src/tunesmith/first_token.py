@@ -57,8 +57,25 @@ def _transformers_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _last_attention_output(model: nn.Module) -> nn.Module | None:
-    """The last encoder layer's attention-output module, when the model has the BERT layout."""
+class FirstPositionQuery(nn.Linear):
+    """The last layer's query projection, computed for the first position and broadcast along the sequence.
+
+    A position's attention output depends on its own query alone, and only the first position's
+    survives the last layer (`_FirstTokenOnly`). The others get the first one's query as a stride-0
+    view (never materialised), so whatever an attention function computes for them is thrown away.
+    `cpu_fastpath.attention_forward` computes such a query's one distinct row only; any other
+    attention function computes identical rows, and the first is exact either way."""
+
+    _tunesmith_all_tokens = nn.Linear
+
+    def forward(self, hidden_states):
+        if hidden_states.dim() < 3 or hidden_states.shape[1] <= 1:
+            return super().forward(hidden_states)
+        return super().forward(hidden_states[:, :1]).expand(*hidden_states.shape[:-1], self.out_features)
+
+
+def _last_layer(model: nn.Module) -> nn.Module | None:
+    """The last encoder layer, when the model has the BERT layout and a first-token head."""
     inner = _transformers_model(model)
     if type(inner).__name__ not in FIRST_TOKEN_HEADS:
         return None
@@ -67,9 +84,12 @@ def _last_attention_output(model: nn.Module) -> nn.Module | None:
         return None
     body = getattr(inner, inner.base_model_prefix, None)
     layers = getattr(getattr(body, "encoder", None), "layer", None)
-    if not layers:
-        return None
-    output = getattr(getattr(layers[-1], "attention", None), "output", None)
+    return layers[-1] if layers else None
+
+
+def _last_attention_output(model: nn.Module) -> nn.Module | None:
+    """The last encoder layer's attention-output module, when the model has the BERT layout."""
+    output = getattr(getattr(_last_layer(model), "attention", None), "output", None)
     if output is None or not all(hasattr(output, name) for name in ("dense", "dropout")):
         return None
     return output
@@ -82,13 +102,18 @@ def keep_first_token_only(model: nn.Module) -> bool:
         return False
     if not isinstance(output, _FirstTokenOnly):
         output.__class__ = _first_token_class(type(output))
+    # A plain projection only: a peft-wrapped one adds its adapter's output for every position.
+    query = getattr(getattr(getattr(_last_layer(model), "attention", None), "self", None), "query", None)
+    if type(query) is nn.Linear:
+        query.__class__ = FirstPositionQuery
     return True
 
 
 def restore_all_tokens(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module, _FirstTokenOnly):
-            module.__class__ = module._tunesmith_all_tokens
+        plain = getattr(type(module), "_tunesmith_all_tokens", None)
+        if plain is not None:
+            module.__class__ = plain
 
 
 @contextlib.contextmanager
