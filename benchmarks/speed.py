@@ -147,8 +147,8 @@ def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 5
     no decay on biases and norms, the attention-kernel choice, clipping. Two FLOP counts per step:
     model FLOPs, the usual MFU numerator (6 x non-embedding parameters x tokens, plus the attention
     matmuls, 12 x layers x hidden x sequence length per token), which the first-token shortcut does not
-    change; and the FLOPs the step actually executes (the last layer's attention output projection and
-    feed-forward run for one token per sequence)."""
+    change; and the FLOPs the step actually executes (the last layer's query and attention output
+    projections, attention row and feed-forward run for one token per sequence)."""
     from transformers import AutoModelForSequenceClassification
 
     from tunesmith.assets import bundled_model_path
@@ -170,8 +170,12 @@ def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 5
     config = model.config
     hidden, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
-    # Per token, the last layer's attention output projection and feed-forward block (skipped for all but one).
-    skippable = 6 * (hidden * hidden + 2 * hidden * inner) if speed["first_token_only"] else 0
+
+    def skippable(length: int) -> int:
+        """FLOPs per token of the last layer's query and attention output projections, feed-forward block
+        and attention row (12 x hidden x length), which the first-token shortcut runs for the first token only."""
+        return 6 * (2 * hidden * hidden + 2 * hidden * inner) + 12 * hidden * length if speed["first_token_only"] else 0
+
     rows = []
     for length in lengths:
         batch = {"input_ids": torch.randint(low, high, (BATCH, length)), "attention_mask": torch.ones(BATCH, length, dtype=torch.long),
@@ -190,7 +194,7 @@ def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 5
         step = min(times[1:])
         tokens = BATCH * length
         model_flops = (6 * params + 12 * layers * hidden * length) * tokens
-        executed = model_flops - skippable * (tokens - BATCH)
+        executed = model_flops - skippable(length) * (tokens - BATCH)
         # The ceiling is measured again next to each step timing: this machine's speed drifts by 20% over minutes.
         peak = gemm_peak(precision)
         rows.append({"seq_len": length, "step_seconds": step, "tokens_per_second": tokens / step,
