@@ -199,7 +199,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     """transformers' `sdpa_attention_forward`, except in CPU training with attention dropout (module docstring, 4)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    length = query.shape[2]
     if _one_query_row(module, query, attention_mask, is_causal):
         # A query broadcast along the sequence (`first_token.FirstPositionQuery`): every row is the
         # first one's, so compute that row and broadcast the result.
@@ -207,7 +206,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             attention_mask = attention_mask[:, :, :1]
         output, weights = attention_forward(module, query[:, :, :1], key, value, attention_mask, dropout, scaling,
                                             is_causal=False, **kwargs)
-        return output.expand(output.shape[0], length, *output.shape[2:]), weights
+        return output.expand(output.shape[0], query.shape[2], *output.shape[2:]), weights
     special = any(kwargs.get(option) for option in _SPECIAL_ATTENTION_OPTIONS)
     if dropout <= 0.0 or dropout >= 1.0 or not module.training or query.device.type != "cpu" or special:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -99,6 +99,11 @@ class SeenRowsEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, trained rows={len(self.rows)}, padding_idx={self.padding_idx}"
 
 
+def _input_embedding(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_input_embeddings", None)
+    return get() if callable(get) else None
+
+
 def _shared(model: nn.Module, weight: torch.Tensor) -> bool:
     """Whether a module other than the embedding holds `weight` (tied output layers)."""
     holders = {id(m) for m in model.modules() for p in m.parameters(recurse=False) if p is weight}
@@ -109,8 +114,7 @@ def train_seen_rows_only(model: nn.Module, token_ids: Iterable, extra_ids: Itera
     """Swap the model's input embedding for a `SeenRowsEmbedding` over the ids in `token_ids` (the
     training examples' `input_ids`) and `extra_ids` (padding). Returns what it did, or None where the
     swap does not apply (module docstring)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
+    embedding = _input_embedding(model)
     if type(embedding) is not nn.Embedding or not embedding.weight.requires_grad or embedding.weight.device.type != "cpu":
         return None
     if embedding.max_norm is not None or embedding.sparse or _shared(model, embedding.weight):
@@ -172,10 +176,9 @@ def decay_unseen_rows(model: nn.Module, optimizer: torch.optim.Optimizer) -> Non
 
 def restore_embedding(model: nn.Module) -> None:
     """Put the plain `nn.Embedding` back, holding the full trained matrix."""
-    get = getattr(model, "get_input_embeddings", None)
-    module = get() if callable(get) else None
+    module = _input_embedding(model)
     if not isinstance(module, SeenRowsEmbedding):
         return
     original = module.original
-    original.weight.data = module.weight.clone()
+    original.weight.data = module.weight  # already a fresh copy, and the swapped-in module is dropped
     model.set_input_embeddings(original)

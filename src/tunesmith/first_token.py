@@ -91,9 +91,9 @@ def _last_layer(model: nn.Module) -> nn.Module | None:
     return layers[-1] if layers else None
 
 
-def _last_attention_output(model: nn.Module) -> nn.Module | None:
-    """The last encoder layer's attention-output module, when the model has the BERT layout."""
-    output = getattr(getattr(_last_layer(model), "attention", None), "output", None)
+def _attention_output(layer: nn.Module | None) -> nn.Module | None:
+    """The layer's attention-output module, when it has the BERT layout."""
+    output = getattr(getattr(layer, "attention", None), "output", None)
     if output is None or not all(hasattr(output, name) for name in ("dense", "dropout")):
         return None
     return output
@@ -101,13 +101,14 @@ def _last_attention_output(model: nn.Module) -> nn.Module | None:
 
 def keep_first_token_only(model: nn.Module) -> bool:
     """Make the last layer compute only the first position; returns whether the model was changed."""
-    output = _last_attention_output(model)
+    layer = _last_layer(model)
+    output = _attention_output(layer)
     if output is None:
         return False
     if not isinstance(output, _FirstTokenOnly):
         output.__class__ = _first_token_class(type(output))
     # A plain projection only: a peft-wrapped one adds its adapter's output for every position.
-    query = getattr(getattr(getattr(_last_layer(model), "attention", None), "self", None), "query", None)
+    query = getattr(getattr(layer.attention, "self", None), "query", None)
     if type(query) is nn.Linear:
         query.__class__ = FirstPositionQuery
     return True
@@ -124,7 +125,7 @@ def restore_all_tokens(model: nn.Module) -> None:
 def first_token_only(model: nn.Module, enabled: bool = True):
     """`keep_first_token_only` for the duration of a block (inference on a loaded model), then restored;
     a model that already has it (a training run's) is left as it is."""
-    output = _last_attention_output(model) if enabled else None
+    output = _attention_output(_last_layer(model)) if enabled else None
     changed = output is not None and not isinstance(output, _FirstTokenOnly) and keep_first_token_only(model)
     try:
         yield changed
