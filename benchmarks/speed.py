@@ -52,13 +52,14 @@ BATCH, LR, MAX_LENGTH, SEED = 32, 5e-5, 128, 0
 LABELS = {"trainer-defaults": "(a)", "trainer-best": "(b)", "trainer-best-allocator": "(b+)", "tunesmith": "(c)",
           "tunesmith-compile": "(d)", "tunesmith-frozen": "(f)", "tunesmith-no-first-token": "(c-)",
           "tunesmith-no-fast-dropout": "(c-)", "tunesmith-every-embedding-row": "(c-)",
-          "tunesmith-no-fast-path": "(c-)"}
+          "tunesmith-no-fast-path": "(c-)", "tunesmith-attention-upcast": "(c-)"}
 # tunesmith with train options changed: (d), and ablations of (c) that show what each fast-path option is worth.
 TUNESMITH_OPTIONS = {
     "tunesmith-compile": {"torch_compile": True},
     "tunesmith-no-first-token": {"first_token_only": False},
     "tunesmith-no-fast-dropout": {"fast_dropout": False},
     "tunesmith-every-embedding-row": {"skip_unseen_embedding_rows": False},
+    "tunesmith-attention-upcast": {"cpu_attention_upcast": True},
     "tunesmith-no-fast-path": {"first_token_only": False, "fast_dropout": False, "reuse_freed_memory": False,
                                "skip_unseen_embedding_rows": False},
 }

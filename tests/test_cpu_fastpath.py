@@ -14,6 +14,7 @@ import tunesmith
 from tiny import sentiment_rows, tiny_config, write_csv
 from tunesmith.cpu_fastpath import (
     ATTENTION_IMPLEMENTATION,
+    ATTENTION_IMPLEMENTATION_FP32,
     FastDropout,
     attention_forward,
     attention_kernel,
@@ -40,6 +41,15 @@ def test_keep_mask_frequency_and_scale(keep):
     # Each of the four 16-bit lanes of a random word is a fair uniform on its own.
     for lane in mask.view(-1, 4).T:
         assert abs(lane.float().mean().item() - realised) < 2 * tolerance
+
+
+def test_keep_mask_in_a_float_dtype_is_the_bool_mask_as_0_and_1():
+    generator = torch.Generator().manual_seed(5)
+    boolean, scale = keep_mask((6, 50), 0.9, generator)
+    generator.manual_seed(5)
+    ones, same_scale = keep_mask((6, 50), 0.9, generator, dtype=torch.bfloat16)
+    assert ones.dtype == torch.bfloat16 and ones.shape == (6, 50) and scale == same_scale
+    assert torch.equal(ones, boolean.to(torch.bfloat16))
 
 
 def test_keep_mask_keeps_everything_when_p_rounds_to_zero():
@@ -230,6 +240,8 @@ def test_math_attention_gives_the_same_loss_and_gradients():
 class _Attention(nn.Module):
     """Stands in for a transformers attention module (what `attention_forward` reads of it)."""
 
+    current: "_Attention"  # the module `_output_and_grads` hands the attention function
+
     def __init__(self, is_causal=False, groups=1):
         super().__init__()
         self.is_causal, self.num_key_value_groups = is_causal, groups
@@ -252,31 +264,71 @@ def _padding_mask(batch=3, length=7, kind="bool"):
 NO_DROP = 1e-7
 
 
+def _output_and_grads(attention, q, k, v, *args, **kwargs):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, weights = attention(_Attention.current, q, k, v, *args, **kwargs)
+    torch.manual_seed(7)
+    out.backward(torch.randn(out.shape, dtype=out.dtype))
+    return out, weights, (q.grad, k.grad, v.grad)
+
+
 @pytest.mark.parametrize("case", ["bool_mask", "float_mask", "no_mask", "causal", "causal_longer_kv", "gqa"])
 def test_attention_forward_computes_what_sdpa_does(case):
+    """Outputs and the hand-written backward's gradients of q, k and v, against SDPA with autograd."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    module = _Attention(is_causal=case.startswith("causal"), groups=2 if case == "gqa" else 1).train()
+    _Attention.current = _Attention(is_causal=case.startswith("causal"), groups=2 if case == "gqa" else 1).train()
     shapes = {"causal_longer_kv": {"q_len": 7, "kv_len": 9}, "gqa": {"kv_heads": 2}}.get(case, {})
     q, k, v = _qkv(**shapes)
     mask = {"bool_mask": _padding_mask(), "float_mask": _padding_mask(kind="float")}.get(case)
-    ours, weights = attention_forward(module, q, k, v, mask, dropout=NO_DROP, scaling=0.3)
-    reference, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    ours, weights, ours_grads = _output_and_grads(attention_forward, q, k, v, mask, dropout=NO_DROP, scaling=0.3)
+    reference, _, reference_grads = _output_and_grads(sdpa_attention_forward, q, k, v, mask, dropout=0.0, scaling=0.3)
     assert weights is None and ours.shape == reference.shape == (3, 7, 4, 8)
     assert torch.allclose(ours, reference, atol=1e-6)
+    for grad, expected in zip(ours_grads, reference_grads):
+        assert grad.shape == expected.shape and torch.allclose(grad, expected, atol=1e-5)
 
 
-def test_attention_forward_bf16_keeps_the_dtype_and_sdpa_numerics():
+def test_attention_dropout_gradients_follow_the_drawn_mask():
+    """With real dropout: the same outputs and gradients as autograd through softmax * mask * scale, the
+    mask being the one `keep_mask` draws from the same generator state."""
+    _Attention.current = _Attention().train()
+    q, k, v = _qkv()
+    mask = _padding_mask()
+    torch.manual_seed(3)
+    ours, _, ours_grads = _output_and_grads(attention_forward, q, k, v, mask, dropout=0.2, scaling=0.3)
+
+    def reference_attention(module, q, k, v, mask, dropout, scaling):
+        torch.manual_seed(3)
+        scores = (q @ k.transpose(-1, -2) * scaling).masked_fill(~mask, torch.finfo(torch.float32).min)
+        keep, scale = keep_mask(scores.shape, 1 - dropout)
+        return (torch.softmax(scores, -1) * keep * scale @ v).transpose(1, 2), None
+
+    reference, _, reference_grads = _output_and_grads(reference_attention, q, k, v, mask, dropout=0.2, scaling=0.3)
+    assert torch.allclose(ours, reference, atol=1e-6)
+    for grad, expected in zip(ours_grads, reference_grads):
+        assert torch.allclose(grad, expected, atol=1e-5)
+
+
+def test_attention_forward_bf16_rounds_like_eager_attention_and_upcast_keeps_sdpa_numerics():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    module = _Attention().train()
-    q, k, v = _qkv(dtype=torch.bfloat16)
+    _Attention.current = module = _Attention().train()
+    q, k, v = _qkv(batch=4, heads=4, q_len=24, kv_len=24, dim=16, dtype=torch.bfloat16)
+    mask = _padding_mask(batch=4, length=24)
+    exact, _, exact_grads = _output_and_grads(sdpa_attention_forward, *(t.float() for t in (q, k, v)), mask, dropout=0.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, _ = attention_forward(module, q, k, v, _padding_mask(), dropout=NO_DROP)
-        reference, _ = sdpa_attention_forward(module, q, k, v, _padding_mask(), dropout=0.0)
-    assert ours.dtype == torch.bfloat16
-    # SDPA's math kernel computes bf16 inputs in fp32 and rounds once at the end, as attention_forward does.
-    assert (ours.float() - reference.float()).abs().max() <= 2**-7
+        ours, _, ours_grads = _output_and_grads(attention_forward, q, k, v, mask, dropout=NO_DROP)
+        upcast, _, _ = _output_and_grads(attention_forward, q, k, v, mask, dropout=NO_DROP, upcast=True)
+        sdpa, _ = attention_forward(module, q, k, v, mask, dropout=0.0)
+    assert ours.dtype == upcast.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in ours_grads)
+    # upcast: SDPA's math kernel, which computes bf16 inputs in fp32 and rounds once at the end (one bf16 step apart at most).
+    assert (upcast.float() - sdpa.float()).abs().max() <= 2**-7 * sdpa.float().abs().max()
+    # Default: bf16 scores and probabilities as in eager attention under autocast. Measured relative errors
+    # against fp32 maths: upcast 1.7e-3 (the output's rounding), default 2.8e-3; gradients 3.2-3.5e-3.
+    relative = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
+    assert relative(upcast, exact) < 3e-3 and relative(ours, exact) < 5e-3
+    assert all(relative(g, e) < 7e-3 for g, e in zip(ours_grads, exact_grads))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -291,7 +343,7 @@ def test_a_broadcast_query_computes_its_one_row(dropout, mask_kind, monkeypatch)
     mask = _padding_mask(kind=mask_kind) if mask_kind else None
     shapes = []
     original = cpu_fastpath.keep_mask
-    monkeypatch.setattr(cpu_fastpath, "keep_mask", lambda shape, keep, *a: shapes.append(tuple(shape)) or original(shape, keep, *a))
+    monkeypatch.setattr(cpu_fastpath, "keep_mask", lambda shape, keep, *a, **kw: shapes.append(tuple(shape)) or original(shape, keep, *a, **kw))
     torch.manual_seed(1)
     out, _ = attention_forward(module, broadcast, k, v, mask, dropout=dropout, scaling=0.3)
     torch.manual_seed(1)
@@ -359,6 +411,10 @@ def test_use_fast_attention_switches_the_model_and_restores_it(tiny_bert):
     assert model.config._attn_implementation == ATTENTION_IMPLEMENTATION and list(model.state_dict()) == keys
     inputs = {"input_ids": torch.randint(5, 50, (2, 6)), "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2])}
     model.train()(**inputs).logits.sum().backward()  # trains through attention_forward, masks included
+    restore_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert use_fast_attention(model, upcast=True) and model.config._attn_implementation == ATTENTION_IMPLEMENTATION_FP32
+    model.train()(**inputs).logits.sum().backward()
     restore_attention(model)
     assert model.config._attn_implementation == "sdpa"
     no_dropout = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
@@ -193,3 +194,34 @@ def test_inductor_compiled_run_matches_uncompiled(tiny_bert, tmp_path):
     _assert_plain_saved_model(compiled.run_dir)
     # Fused kernels round differently: close, not bit-equal.
     assert torch.allclose(torch.tensor(_losses_logged(plain.run_dir)), torch.tensor(_losses_logged(compiled.run_dir)), atol=1e-3)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6, float("inf")])
+def test_clip_cpu_gradients_is_torchs_clipping_bit_for_bit(max_norm):
+    from tunesmith.training import clip_cpu_gradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 3))
+    model(torch.randn(8, 16)).square().sum().backward()
+    model[1].bias.grad = None  # a parameter without a gradient is left out, as torch does
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    expected_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if name in grads:
+            p.grad.copy_(grads[name])
+    norm = clip_cpu_gradients(model.parameters(), max_norm)
+    assert torch.equal(norm, expected_norm)
+    assert all(torch.equal(p.grad, expected[name]) for name, p in model.named_parameters() if p.grad is not None)
+    clipped = max_norm < expected_norm
+    assert clipped == any(not torch.equal(grads[name], expected[name]) for name in grads)  # the case is what it says
+
+
+def test_clip_cpu_gradients_with_mixed_dtypes_and_none_uses_torch():
+    from tunesmith.training import clip_cpu_gradients
+
+    a, b = torch.ones(4, requires_grad=True), torch.ones(4, dtype=torch.bfloat16, requires_grad=True)
+    a.grad, b.grad = torch.full((4,), 3.0), torch.full((4,), 4.0, dtype=torch.bfloat16)
+    norm = clip_cpu_gradients([a, b], 1.0)
+    assert torch.isclose(norm.float(), torch.tensor(10.0)) and torch.allclose(a.grad, torch.full((4,), 0.3), atol=1e-6)
+    assert clip_cpu_gradients([torch.zeros(2, requires_grad=True)], 1.0).item() == 0.0

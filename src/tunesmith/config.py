@@ -225,9 +225,15 @@ class TrainConfig(Section):
     )
     fast_dropout: bool = Field(
         True, description="CPU training: `nn.Dropout` and the attention-probability dropout of models using transformers' "
-        "SDPA attention draw their masks from 16-bit uniforms (4 per 64-bit random word, same torch generator) instead "
-        "of one Bernoulli per element: ~5x cheaper masks; keep probability within 8e-6 of 1 - p, outputs scaled by its "
-        "exact inverse. Attention keeps the maths of SDPA's math kernel (fp32 inside). GPUs and evaluation unaffected."
+        "SDPA attention draw their masks from 16-bit uniforms (4 per 64-bit random word of numpy's SFC64, seeded from "
+        "torch's generator) instead of one Bernoulli per element: ~5x cheaper masks; keep probability within 8e-6 of "
+        "1 - p, outputs scaled by its exact inverse. GPUs and evaluation unaffected."
+    )
+    cpu_attention_upcast: bool = Field(
+        False, description="CPU training with attention dropout (`fast_dropout`): compute the attention matmuls in fp32, "
+        "as SDPA's math kernel does. Default: they run in the autocast dtype (bf16), as in transformers' eager "
+        "attention under autocast, with the softmax and its backward in fp32; 2x faster attention (MiniLM, 35 tokens), "
+        "scores rounded to bf16 before the softmax. No effect in fp32 training."
     )
     first_token_only: bool = Field(
         True, description="Sequence classification with a head that reads only the first token (BERT, RoBERTa, XLM-R, "

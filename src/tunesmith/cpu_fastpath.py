@@ -1,4 +1,4 @@
-"""Two CPU training costs that have nothing to do with the model's maths, and how we remove them.
+"""Four CPU training costs beyond the model's matmuls, and how we cut them.
 
 Measured on the bundled MiniLM (batch 32 x 32 tokens, bf16 autocast, 2-core Xeon; `benchmarks/speed.py`
 has the end-to-end numbers):
@@ -25,9 +25,9 @@ has the end-to-end numbers):
 
 2. **Dropout masks.** torch's CPU dropout draws one Bernoulli per element from its generator
    serially (~5.5 ns per element; `bernoulli_` was 20% of a MiniLM training step, more than all
-   attention matmuls). `FastDropout` draws 64-bit random words instead and makes four 16-bit
-   uniforms of each (~0.8 ns per element) — from the same torch generator, so seeding,
-   reproducibility and exact resume hold. An element is kept when its 16-bit uniform is below
+   attention matmuls). `FastDropout` draws 64-bit random words instead (numpy's SFC64, seeded by
+   one draw from the torch generator, so torch's seeding, reproducibility and exact resume hold) and
+   makes four 16-bit uniforms of each (~0.4 ns per element). An element is kept when its 16-bit uniform is below
    `round(keep * 65536)`: the keep probability is that threshold / 65536 (0.9 becomes 0.899994),
    and kept values are scaled by its exact inverse, so the expected output still equals the input.
    Only `nn.Dropout` modules in training mode on CPU tensors take this path; GPU dropout (already a
@@ -44,27 +44,33 @@ has the end-to-end numbers):
    evaluation (where flash was faster at every length: 1.30x at 32 tokens, 3.2x at 512) keep
    torch's choice. With attention dropout SDPA already runs the math kernel on CPU.
 
-4. **Dropout inside attention.** With attention dropout (BERT, RoBERTa, ELECTRA, GPT-2: 0.1) SDPA
-   runs its math kernel on CPU and draws the dropout mask of every attention-probability matrix
-   with the serial Bernoulli of point 2. `attention_forward` is transformers' SDPA attention with
-   one change: in CPU training with attention dropout it computes the same maths as SDPA's math
-   kernel (q, k and v upcast to fp32 as that kernel does for bf16 inputs, fp32 softmax, output cast
-   back) with a `keep_mask` dropout. `use_fast_attention` switches a model that uses transformers'
-   attention interface from `sdpa` to it for the run (`restore_attention` switches back); every
-   other case — no dropout, evaluation, GPUs, soft-capping, sliding windows, attention sinks,
-   position biases — is handed to transformers' own SDPA function unchanged. Query rows whose keys
-   are all masked (padding rows) get uniform weights instead of SDPA's zeros: no real token reads
-   them, so losses and gradients are unchanged. Measured in bare MiniLM training steps (bf16, batch
-   32 x 32 tokens, Zen 5 EPYC, interleaved A/B): 7% less time per step.
+4. **Attention with dropout.** With attention dropout (BERT, RoBERTa, ELECTRA, GPT-2: 0.1) SDPA
+   runs its math kernel on CPU: q, k and v up-cast to fp32, fp32 matmuls, and the dropout mask of
+   every attention-probability matrix drawn with the serial Bernoulli of point 2. `attention_forward`
+   is transformers' SDPA attention with one change: in CPU training with attention dropout it runs
+   `_MaskedSoftmaxAttention` — the matmuls in the inputs' dtype (bf16 under autocast, as in
+   transformers' eager attention under autocast) with the scalings inside them, the softmax and its
+   backward in fp32, a `keep_mask` dropout, and a hand-written backward that casts each tensor once.
+   `train.cpu_attention_upcast` up-casts q, k and v first (SDPA's fp32 maths). `use_fast_attention`
+   switches a model that uses transformers' attention interface from `sdpa` to it for the run
+   (`restore_attention` switches back); every other case — no dropout, evaluation, GPUs,
+   soft-capping, sliding windows, attention sinks, position biases, learned masks — is handed to
+   transformers' own SDPA function unchanged. Query rows whose keys are all masked (padding rows) get
+   uniform weights instead of SDPA's zeros: no real token reads them, so losses and gradients are
+   unchanged. Measured on one MiniLM attention call (bf16, [32, 12, 35, 32], forward and backward,
+   Zen 5 EPYC): 5.2-6.0 ms with SDPA-style fp32 maths, 2.9-3.0 ms now; bf16 scores add ~1.5e-3 to
+   the output's 2e-3 relative error against an fp32 reference (bf16 output rounding).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import ctypes.util
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -101,28 +107,42 @@ def _set_mallopt() -> bool:
 _UNIFORM_LEVELS = 1 << 16
 
 
-def keep_mask(shape: torch.Size, keep: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """Boolean mask (True = keep) with P(True) = threshold / 65536 ~= `keep`, and the scale 1 / that probability."""
+def keep_mask(
+    shape: torch.Size, keep: float, generator: torch.Generator | None = None, dtype: torch.dtype = torch.bool
+) -> tuple[torch.Tensor, float]:
+    """Mask (True or 1 = keep) with P(keep) = threshold / 65536 ~= `keep`, and the scale 1 / that probability.
+
+    `dtype`: bool, or a floating dtype for a 0/1 mask written by the comparison itself — converting a
+    bool mask to bf16 afterwards took 6x as long as the comparison (198 vs 33 us for 470,400 elements)."""
     threshold = min(_UNIFORM_LEVELS, max(1, round(keep * _UNIFORM_LEVELS)))
     if threshold == _UNIFORM_LEVELS:  # p below 2^-17: everything is kept (the shifted threshold would not fit int16)
-        return torch.ones(shape, dtype=torch.bool), 1.0
+        return torch.ones(shape, dtype=dtype), 1.0
     count = math.prod(shape)
-    words = torch.empty((count + 3) // 4, dtype=torch.int64)
-    words.random_(-(2**63), None, generator=generator)  # full 64-bit range: every bit uniform
+    words = _random_words((count + 3) // 4, generator)
     # int16 lanes are uniform over [-32768, 32767]; shifting the threshold keeps the comparison in int16.
-    mask = words.view(torch.int16)[:count].lt(threshold - _UNIFORM_LEVELS // 2).view(shape)
-    return mask, _UNIFORM_LEVELS / threshold
+    lanes, limit = words.view(torch.int16)[:count], threshold - _UNIFORM_LEVELS // 2
+    mask = lanes.lt(limit) if dtype == torch.bool else torch.lt(lanes, limit, out=torch.empty(count, dtype=dtype))
+    return mask.view(shape), _UNIFORM_LEVELS / threshold
+
+
+def _random_words(count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`count` uniformly random 64-bit words: numpy's SFC64, seeded by one 63-bit draw from the torch
+    generator, so torch's seeding, RNG state checkpoints and exact resume govern them. SFC64 made them
+    in half the time of torch's mt19937 (`random_`: 161 vs 338 us for 117,600 words, Zen 5); both are
+    serial, and these words were ~4% of a MiniLM training step."""
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
+    return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
 
 
 class _ScaleByMask(torch.autograd.Function):
-    """x * mask * scale. For 16-bit x the mask is saved already scaled, in x's dtype: one pass over
-    the data forward and one backward (2 bytes per element, as much as x itself); a bf16 MiniLM
+    """x * mask * scale. For 16-bit x the mask comes in x's dtype and is saved already scaled: one pass
+    over the data forward and one backward (2 bytes per element, as much as x itself); a bf16 MiniLM
     dropout took 0.61 instead of 0.81 ms. For fp32 x the boolean mask is saved (1 byte instead of 4)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-        if x.element_size() <= 2:
-            scaled = mask.to(x.dtype).mul_(scale)
+        if mask.dtype == x.dtype:
+            scaled = mask.mul_(scale)
             ctx.save_for_backward(scaled)
             ctx.scale = None
             return x * scaled
@@ -140,7 +160,7 @@ class _ScaleByMask(torch.autograd.Function):
 
 def keep_mask_dropout(x: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
     """Training-mode dropout of a CPU tensor with a `keep_mask` mask (0 < p < 1)."""
-    mask, scale = keep_mask(x.shape, 1.0 - p)
+    mask, scale = keep_mask(x.shape, 1.0 - p, dtype=x.dtype if x.element_size() <= 2 else torch.bool)
     if inplace:
         return x.mul_(mask).mul_(scale)
     return _ScaleByMask.apply(x, mask, scale)
@@ -188,6 +208,9 @@ def attention_kernel(inputs: dict, device_type: str, max_length: int):
 # --------------------------------------------------------------------------- attention dropout
 
 ATTENTION_IMPLEMENTATION = "tunesmith_cpu_sdpa"
+# The same function with q, k and v up-cast to fp32 (`train.cpu_attention_upcast`).
+ATTENTION_IMPLEMENTATION_FP32 = "tunesmith_cpu_sdpa_fp32"
+FAST_ATTENTION_IMPLEMENTATIONS = (ATTENTION_IMPLEMENTATION, ATTENTION_IMPLEMENTATION_FP32)
 # Options whose maths SDPA-style attention functions implement beyond plain masked softmax attention;
 # any of them sends the call to transformers' own function.
 _SPECIAL_ATTENTION_OPTIONS = ("softcap", "sliding_window", "s_aux", "position_bias", "output_attentions")
@@ -195,7 +218,8 @@ _SPECIAL_ATTENTION_OPTIONS = ("softcap", "sliding_window", "s_aux", "position_bi
 _ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", "attn_dropout")
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                      upcast: bool = False, **kwargs):
     """transformers' `sdpa_attention_forward`, except in CPU training with attention dropout (module docstring, 4)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
@@ -205,9 +229,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1:
             attention_mask = attention_mask[:, :, :1]
         output, weights = attention_forward(module, query[:, :, :1], key, value, attention_mask, dropout, scaling,
-                                            is_causal=False, **kwargs)
+                                            is_causal=False, upcast=upcast, **kwargs)
         return output.expand(output.shape[0], query.shape[2], *output.shape[2:]), weights
-    special = any(kwargs.get(option) for option in _SPECIAL_ATTENTION_OPTIONS)
+    # A mask that requires grad is a learned bias (its gradient would be lost here).
+    special = any(kwargs.get(option) for option in _SPECIAL_ATTENTION_OPTIONS) or getattr(attention_mask, "requires_grad", False)
     if dropout <= 0.0 or dropout >= 1.0 or not module.training or query.device.type != "cpu" or special:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -219,23 +244,73 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     causal = q_length > 1 and attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if causal and kv_length > q_length:
         key, value, kv_length = key[:, :, :q_length], value[:, :, :q_length], q_length
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    lowest = torch.finfo(torch.float32).min
+    if causal:
+        mask = torch.zeros(q_length, kv_length, device=query.device).masked_fill_(
+            ~torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril(), lowest)
+    elif attention_mask is not None and attention_mask.dtype == torch.bool:
+        mask = torch.zeros(attention_mask.shape, device=query.device).masked_fill_(~attention_mask, lowest)
+    else:
+        mask = None if attention_mask is None else attention_mask.float()
     out_dtype = query.dtype
     with torch.autocast(query.device.type, enabled=False):
-        # SDPA's math kernel computes bf16/fp16 inputs in fp32 (torch's default); so does this.
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2))
-        scores.mul_(scaling if scaling is not None else query.shape[-1] ** -0.5)
-        lowest = torch.finfo(scores.dtype).min
-        if causal:
-            allowed = torch.ones(q_length, kv_length, dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~allowed, lowest)
-        elif attention_mask is not None and attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, lowest)
-        elif attention_mask is not None:
-            scores = scores + attention_mask.float()
-        probs = keep_mask_dropout(torch.softmax(scores, dim=-1), dropout)
-        output = torch.matmul(probs, value.float())
+        if upcast:  # SDPA's math kernel computes bf16/fp16 inputs in fp32 (torch's default); so does this.
+            query, key, value = query.float(), key.float(), value.float()
+        else:
+            key, value = key.to(query.dtype), value.to(query.dtype)
+        output = _MaskedSoftmaxAttention.apply(query, key, value, mask, scaling, dropout)
     return output.transpose(1, 2).to(out_dtype).contiguous(), None
 
+
+class _MaskedSoftmaxAttention(torch.autograd.Function):
+    """dropout(softmax(q kᵀ · scaling + mask)) v for [batch, heads, length, dim] tensors of one dtype.
+
+    The matmuls run in the inputs' dtype with the scalings inside them (`baddbmm`'s alpha), the
+    softmax and its backward in fp32. An fp32 softmax (and backward) was faster on CPU than a bf16 one
+    (198 vs 285 us, 44 vs 84 us for [32, 12, 35, 35]) and exact; the up-cast and the mask come in
+    the same pass (`bf16 + fp32 mask` is fp32), the down-cast and dropout in one more (`mul(out=bf16)`).
+    Saved for backward: q, k, v, the fp32 probabilities and the 0/1 keep mask in the inputs' dtype;
+    the dropped probabilities are recomputed in backward (one pass) rather than kept (2 bytes per
+    score per layer)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scaling: float, dropout: float):
+        batch, heads, q_length, _ = query.shape
+        q, k = query.reshape(batch * heads, q_length, -1), key.reshape(batch * heads, key.shape[2], -1)
+        v = value.reshape(batch * heads, value.shape[2], -1)
+        ignored = q.new_zeros(())  # baddbmm's `input`, multiplied by beta=0
+        scores = torch.baddbmm(ignored, q, k.transpose(1, 2), beta=0, alpha=scaling).view(batch, heads, q_length, -1)
+        probs = torch.softmax(scores.float() if mask is None else scores + mask, dim=-1)
+        keep, scale = keep_mask(probs.shape, 1.0 - dropout, dtype=q.dtype) if dropout > 0 else (None, 1.0)
+        dropped = _dropped(probs, keep, q.dtype).view(-1, q_length, k.shape[1])
+        output = torch.baddbmm(ignored, dropped, v, beta=0, alpha=scale)
+        ctx.save_for_backward(q, k, v, probs, keep)
+        ctx.scaling, ctx.scale = scaling, scale
+        return output.view(batch, heads, q_length, -1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        q, k, v, probs, keep = ctx.saved_tensors
+        batch, heads, q_length, kv_length = probs.shape
+        grad = grad_output.reshape(v.shape[0], q_length, v.shape[-1]).to(q.dtype)
+        ignored = q.new_zeros(())
+        dropped = _dropped(probs, keep, q.dtype).view(-1, q_length, kv_length)
+        grad_v = torch.baddbmm(ignored, dropped.transpose(1, 2), grad, beta=0, alpha=ctx.scale)
+        grad_dropped = torch.baddbmm(ignored, grad, v.transpose(1, 2), beta=0, alpha=ctx.scale).view(probs.shape)
+        grad_probs = _dropped(grad_dropped, keep, torch.float32)
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32).to(q.dtype).view_as(dropped)
+        grad_q = torch.baddbmm(ignored, grad_scores, k, beta=0, alpha=ctx.scaling)
+        grad_k = torch.baddbmm(ignored, grad_scores.transpose(1, 2), q, beta=0, alpha=ctx.scaling)
+        return (grad_q.view(batch, heads, q_length, -1), grad_k.view(batch, heads, kv_length, -1),
+                grad_v.view(batch, heads, kv_length, -1), None, None, None)
+
+
+def _dropped(values: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """`values * keep` (or `values`) in `dtype`, in one pass."""
+    if keep is None:
+        return values.to(dtype)
+    return torch.mul(values, keep, out=torch.empty(values.shape, dtype=dtype))
 
 
 def _one_query_row(module, query: torch.Tensor, attention_mask, is_causal) -> bool:
@@ -252,16 +327,19 @@ def _register_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_IMPLEMENTATION, attention_forward)
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION_FP32, functools.partial(attention_forward, upcast=True))
     # Masks are built per implementation name: the same masks as for `sdpa` (an unknown name gets none).
-    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
+    for name in FAST_ATTENTION_IMPLEMENTATIONS:
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def _attention_dropout(config) -> float:
     return max((float(getattr(config, f, 0.0) or 0.0) for f in _ATTENTION_DROPOUT_FIELDS), default=0.0)
 
 
-def use_fast_attention(model: nn.Module) -> bool:
-    """Switch a transformers model (or the one inside a peft wrapper) from `sdpa` to `attention_forward`.
+def use_fast_attention(model: nn.Module, upcast: bool = False) -> bool:
+    """Switch a transformers model (or the one inside a peft wrapper) from `sdpa` to `attention_forward`
+    (`upcast`: its fp32 variant).
 
     Only models that use transformers' attention interface (`_can_set_attn_implementation`), run
     `sdpa`, and have attention dropout are switched; returns whether this one was."""
@@ -273,11 +351,12 @@ def use_fast_attention(model: nn.Module) -> bool:
     if not callable(can_set) or not can_set():
         return False
     _register_attention()
-    inner.set_attn_implementation(ATTENTION_IMPLEMENTATION)
-    return inner.config._attn_implementation == ATTENTION_IMPLEMENTATION
+    name = ATTENTION_IMPLEMENTATION_FP32 if upcast else ATTENTION_IMPLEMENTATION
+    inner.set_attn_implementation(name)
+    return inner.config._attn_implementation == name
 
 
 def restore_attention(model: nn.Module) -> None:
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    if getattr(getattr(inner, "config", None), "_attn_implementation", None) == ATTENTION_IMPLEMENTATION:
+    if getattr(getattr(inner, "config", None), "_attn_implementation", None) in FAST_ATTENTION_IMPLEMENTATIONS:
         inner.set_attn_implementation("sdpa")

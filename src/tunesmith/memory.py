@@ -140,12 +140,12 @@ def _layers_keeping_activations(model: nn.Module, layers: int) -> int:
 
 
 def _materialises_scores(model: nn.Module, device: str) -> bool:
-    from .cpu_fastpath import ATTENTION_IMPLEMENTATION
+    from .cpu_fastpath import FAST_ATTENTION_IMPLEMENTATIONS
 
     config = getattr(model, "config", None)
     implementation = getattr(config, "_attn_implementation", None) or "eager"
-    # The fast path's attention function (attention dropout on CPU) keeps the same scores as SDPA's math kernel.
-    return implementation == "eager" or (implementation in ("sdpa", ATTENTION_IMPLEMENTATION) and device == "cpu")
+    # The fast path's attention function (attention dropout on CPU) keeps no more per score than SDPA's math kernel.
+    return implementation == "eager" or (implementation in ("sdpa", *FAST_ATTENTION_IMPLEMENTATIONS) and device == "cpu")
 
 
 def _lora_inputs(model: nn.Module) -> int:

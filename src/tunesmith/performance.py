@@ -190,7 +190,7 @@ def apply_speed_options(
     # Not under torch.compile: inductor generates its own fused dropout (and would trace ours op by op).
     fast = train_cfg.fast_dropout and not train_cfg.torch_compile
     record["fast_dropout"] = use_fast_dropout(model) if fast else 0
-    record["fast_attention_dropout"] = use_fast_attention(model) if fast else False
+    record["fast_attention_dropout"] = use_fast_attention(model, upcast=train_cfg.cpu_attention_upcast) if fast else False
     # With the frozen feature cache the encoder runs once, storing every position's output.
     cached = method == "frozen" and train_cfg.cache_frozen_features
     record["first_token_only"] = keep_first_token_only(model) if train_cfg.first_token_only and sequence_head and not cached else False
