@@ -15,9 +15,10 @@ after `apply_method` and the speed options, before the run directory is created)
                   b*s*h*ACT_PER_HIDDEN elements for the projections, norms and MLP, plus
                   b*heads*s*s*ACT_PER_SCORE for attention scores where they are materialised (eager
                   attention; SDPA on CPU, which falls back to the plain kernel with attention dropout;
-                  not SDPA on GPU), plus LoRA's dropped input copies, times the bytes per element
+                  not SDPA on GPU; ACT_PER_SCORE_FAST_PATH for the CPU fast path's attention function),
+                  plus LoRA's dropped input copies, times the bytes per element
                   (4; 3.5 under bf16/fp16 autocast); with gradient checkpointing each layer's input is
-                  kept, and one layer is recomputed (with its gradients) at a time
+                  kept, and one layer is recomputed (with its gradients) at a time (CHECKPOINTED_LAYERS)
     workspace     the largest transient of one layer: in training (on top of the activations), or in
                   evaluation (no activations kept, but a larger batch); the embeddings' output; on GPU
                   the CUDA context
@@ -59,6 +60,13 @@ WARN_SHARE = 0.8
 # RSS of MiniLM runs at batch x length 8x128 .. 32x256 and 8x512 on CPU (RELIABILITY.md).
 ACT_PER_HIDDEN = 28.0
 ACT_PER_SCORE = 3.0
+# The CPU fast path's attention function keeps the fp32 probabilities and a 2-byte (bf16) or 4-byte keep
+# mask per score and casts each tensor once in its own backward: refitted to the same runs with it (the
+# SDPA and eager figure above was fitted when the fast path computed what SDPA's math kernel computes).
+ACT_PER_SCORE_FAST_PATH = 1.0
+# Layers' worth of activations alive at once under gradient checkpointing: the layer being recomputed,
+# its gradients, and the recomputation's transients (fitted to MiniLM at 32 x 256).
+CHECKPOINTED_LAYERS = 3
 LORA_PER_INPUT = 1.25  # LoRA dropout: the dropped input and its mask, per adapted layer's input feature
 # With `train.reuse_freed_memory` glibc serves every block from its heap and never trims it: no page faults,
 # but freed activations leave holes the next step's differently sized blocks do not always fit, so the
@@ -139,13 +147,17 @@ def _layers_keeping_activations(model: nn.Module, layers: int) -> int:
     return len(stack) - trainable.index(True) if any(trainable) else 0
 
 
-def _materialises_scores(model: nn.Module, device: str) -> bool:
+def _score_elements(model: nn.Module, device: str) -> float:
+    """Elements kept per attention score and layer: eager attention and SDPA on CPU (its math kernel, with
+    attention dropout) materialise the scores, the fast path's attention function keeps fewer, SDPA on GPU none."""
     from .cpu_fastpath import FAST_ATTENTION_IMPLEMENTATIONS
 
-    config = getattr(model, "config", None)
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    config = getattr(inner, "config", None) or getattr(model, "config", None)
     implementation = getattr(config, "_attn_implementation", None) or "eager"
-    # The fast path's attention function (attention dropout on CPU) keeps no more per score than SDPA's math kernel.
-    return implementation == "eager" or (implementation in ("sdpa", *FAST_ATTENTION_IMPLEMENTATIONS) and device == "cpu")
+    if implementation in FAST_ATTENTION_IMPLEMENTATIONS and device == "cpu":
+        return ACT_PER_SCORE_FAST_PATH
+    return ACT_PER_SCORE if implementation == "eager" or (implementation == "sdpa" and device == "cpu") else 0.0
 
 
 def _lora_inputs(model: nn.Module) -> int:
@@ -187,11 +199,11 @@ def estimate_training_memory(
     element = 3.5 if mixed else 4.0  # autocast keeps matmul outputs in 2 bytes, norms and softmax in 4
     b, s, h = batch_size, seq_len, hidden
     per_hidden = ACT_PER_HIDDEN + 2 * (intermediate / h - 4)  # the MLP keeps two intermediate-sized tensors
-    scores = ACT_PER_SCORE if _materialises_scores(model, device) else 0.0
+    scores = _score_elements(model, device)
     full_layer = b * s * (h * per_hidden + heads * s * scores) * element
     kept = _layers_keeping_activations(model, layers)
     if gradient_checkpointing and kept:
-        activations = kept * b * s * h * element + 2 * full_layer  # each layer's input; one layer recomputed, and its gradients
+        activations = kept * b * s * h * element + CHECKPOINTED_LAYERS * full_layer  # each layer's input, and the recomputed layer
     else:
         activations = kept * full_layer
     activations += b * s * _lora_inputs(model) * LORA_PER_INPUT * element
