@@ -417,11 +417,14 @@ def _finite_update(accelerator: Accelerator, model: nn.Module, train_cfg: TrainC
     """Clip gradients; False when the loss or the gradient norm is NaN/inf (the update is skipped:
     one bad batch must not turn every weight into NaN)."""
     max_norm = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else float("inf")
-    if accelerator.device.type == "cpu" and accelerator.scaler is None and accelerator.distributed_type in _PLAIN_GRADIENTS:
-        norm = clip_cpu_gradients(model.parameters(), max_norm)
+    parameters = list(model.parameters())
+    plain = accelerator.device.type == "cpu" and accelerator.scaler is None and accelerator.distributed_type in _PLAIN_GRADIENTS
+    # tunesmith's own FSDP2 sharding (`train.fsdp`) runs under a plain distributed type with DTensor gradients.
+    if plain and all(type(p.grad) is torch.Tensor for p in parameters if p.grad is not None):
+        norm = clip_cpu_gradients(parameters, max_norm)
     else:
         # accelerate clips DTensor (FSDP2) gradients too; their norm is then a DTensor, the same full value on every process.
-        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        norm = accelerator.clip_grad_norm_(parameters, max_norm)
     if norm is not None:
         norm = distributed.full_value(norm)
     return math.isfinite(loss) and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
