@@ -15,7 +15,7 @@ from tiny import sentiment_rows, tiny_config
 from tunesmith import performance
 from tunesmith.config import MethodConfig, TrainConfig, load_config
 from tunesmith.errors import ConfigError
-from tunesmith.methods import apply_method
+from tunesmith.methods import apply_method, transformers_model
 
 # --------------------------------------------------------------------------- threads
 
@@ -82,7 +82,7 @@ def _losses(model_dir, method: str, checkpointing: bool, steps: int = 4) -> list
     model = apply_method(model, MethodConfig(name=method, last_n_layers=1), "SEQ_CLS")
     if checkpointing:
         assert performance.enable_gradient_checkpointing(model)
-        assert performance._transformers_model(model).is_activation_checkpointing
+        assert transformers_model(model).is_activation_checkpointing
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     generator = torch.Generator().manual_seed(1)

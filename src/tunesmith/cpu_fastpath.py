@@ -74,6 +74,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .methods import transformers_model
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _allocator_configured: bool | None = None
@@ -343,7 +345,7 @@ def use_fast_attention(model: nn.Module, upcast: bool = False) -> bool:
 
     Only models that use transformers' attention interface (`_can_set_attn_implementation`), run
     `sdpa`, and have attention dropout are switched; returns whether this one was."""
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    inner = transformers_model(model)
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa" or _attention_dropout(config) <= 0:
         return False
@@ -357,6 +359,6 @@ def use_fast_attention(model: nn.Module, upcast: bool = False) -> bool:
 
 
 def restore_attention(model: nn.Module) -> None:
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    inner = transformers_model(model)
     if getattr(getattr(inner, "config", None), "_attn_implementation", None) in FAST_ATTENTION_IMPLEMENTATIONS:
         inner.set_attn_implementation("sdpa")

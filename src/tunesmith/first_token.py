@@ -28,6 +28,8 @@ import contextlib
 
 from torch import nn
 
+from .methods import transformers_model
+
 # Heads known to read position 0 of the last hidden state and nothing else (checked in their source
 # for transformers 5: BertPooler, RobertaClassificationHead, ElectraClassificationHead and copies).
 FIRST_TOKEN_HEADS = frozenset({
@@ -56,11 +58,6 @@ def _first_token_class(cls: type) -> type:
     return _SUBCLASSES[cls]
 
 
-def _transformers_model(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)  # peft
-    return get_base() if callable(get_base) else model
-
-
 class FirstPositionQuery(nn.Linear):
     """The last layer's query projection, computed for the first position and broadcast along the sequence.
 
@@ -80,7 +77,7 @@ class FirstPositionQuery(nn.Linear):
 
 def _last_layer(model: nn.Module) -> nn.Module | None:
     """The last encoder layer, when the model has the BERT layout and a first-token head."""
-    inner = _transformers_model(model)
+    inner = transformers_model(model)
     if type(inner).__name__ not in FIRST_TOKEN_HEADS:
         return None
     config = inner.config

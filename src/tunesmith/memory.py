@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .errors import ResourceError
+from .methods import transformers_model
 
 log = logging.getLogger("tunesmith")
 
@@ -152,8 +153,7 @@ def _score_elements(model: nn.Module, device: str) -> float:
     attention dropout) materialise the scores, the fast path's attention function keeps fewer, SDPA on GPU none."""
     from .cpu_fastpath import FAST_ATTENTION_IMPLEMENTATIONS
 
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    config = getattr(inner, "config", None) or getattr(model, "config", None)
+    config = getattr(transformers_model(model), "config", None)
     implementation = getattr(config, "_attn_implementation", None) or "eager"
     if implementation in FAST_ATTENTION_IMPLEMENTATIONS and device == "cpu":
         return ACT_PER_SCORE_FAST_PATH

@@ -46,6 +46,12 @@ def count_parameters(model: nn.Module) -> ParamCount:
     return ParamCount(trainable, total)
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def base_model(model: nn.Module) -> nn.Module:
     prefix = getattr(model, "base_model_prefix", "")
     return getattr(model, prefix, model) if prefix else model

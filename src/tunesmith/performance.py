@@ -38,6 +38,7 @@ from .cpu_fastpath import keep_freed_memory, restore_attention, restore_dropout,
 from .embedding_rows import restore_embedding
 from .errors import ConfigError
 from .first_token import keep_first_token_only, restore_all_tokens
+from .methods import transformers_model
 
 log = logging.getLogger("tunesmith")
 
@@ -114,12 +115,6 @@ def configure_threads(requested: int | str) -> ThreadChoice:
 # --------------------------------------------------------------------------- model options
 
 
-def _transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def enable_gradient_checkpointing(model: nn.Module) -> bool:
     """Non-reentrant activation checkpointing on every layer; False (with a warning) where unsupported.
 
@@ -128,7 +123,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> bool:
     reentrant checkpointing with frozen embeddings (peft, `last_n`) is removed: it would only make
     backward run through frozen layers for nothing.
     """
-    inner = _transformers_model(model)
+    inner = transformers_model(model)
     if not getattr(inner, "supports_gradient_checkpointing", False):
         log.warning("train.gradient_checkpointing: %s does not support activation checkpointing; training without it",
                     type(inner).__name__)
