@@ -88,6 +88,27 @@ def test_fast_dropout_forward_backward_and_expectation():
     assert torch.equal(FastDropout(0.0).train()(x), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fast_dropout_is_the_input_times_the_drawn_mask_and_scale(dtype, inplace):
+    """Exactly x * keep * scale, with the mask `keep_mask` draws from the same generator state; the
+    mask is applied in x's own dtype (fp32 too: an fp32 x times a boolean mask runs unvectorised)."""
+    x = torch.randn(32, 35, 16).to(dtype)
+    torch.manual_seed(7)
+    keep, scale = keep_mask(x.shape, 0.9)
+    # Out of place the mask is scaled in x's dtype (as torch's dropout does); in place x is multiplied by the scale.
+    scaled = x.float() * torch.tensor(scale, dtype=torch.float32) if inplace else x * torch.tensor(scale, dtype=dtype)
+    expected = torch.where(keep, scaled.to(dtype), torch.zeros((), dtype=dtype))
+    torch.manual_seed(7)
+    source = x.clone().requires_grad_(not inplace)
+    out = FastDropout(0.1, inplace=inplace).train()(source)
+    assert out.dtype == dtype
+    assert torch.equal(out, expected)
+    if not inplace:
+        out.backward(torch.ones_like(out))
+        assert torch.equal(source.grad, torch.where(keep, torch.tensor(scale, dtype=dtype), torch.zeros((), dtype=dtype)))
+
+
 def test_fast_dropout_bf16_keeps_dtype():
     layer = FastDropout(0.1).train()
     x = torch.randn(8, 16, dtype=torch.bfloat16)
