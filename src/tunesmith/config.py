@@ -227,7 +227,8 @@ class TrainConfig(Section):
         True, description="CPU training: `nn.Dropout` and the attention-probability dropout of models using transformers' "
         "SDPA attention draw their masks from 16-bit uniforms (4 per 64-bit random word of numpy's SFC64, seeded from "
         "torch's generator) instead of one Bernoulli per element: ~5x cheaper masks; keep probability within 8e-6 of "
-        "1 - p, outputs scaled by its exact inverse. GPUs and evaluation unaffected."
+        "1 - p, kept values scaled by its inverse (rounded to the tensor's dtype, as torch's dropout rounds its scaled mask). "
+        "GPUs and evaluation unaffected."
     )
     cpu_attention_upcast: bool = Field(
         False, description="CPU training with attention dropout (`fast_dropout`): compute the attention matmuls in fp32, "
