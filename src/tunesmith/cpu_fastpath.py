@@ -270,9 +270,9 @@ class _MaskedSoftmaxAttention(torch.autograd.Function):
     The matmuls run in the inputs' dtype with the scalings inside them (`baddbmm`'s alpha), the
     softmax and its backward in fp32. An fp32 softmax (and backward) was faster on CPU than a bf16 one
     (198 vs 285 us, 44 vs 84 us for [32, 12, 35, 35]) and exact. Every elementwise step takes
-    operands of one dtype: torch's CPU kernels for mixed operands (`bf16 + fp32 mask`,
-    `mul(fp32, bf16, out=bf16)`) convert element by element instead of running vectorised, and
-    were slower than a vectorised cast plus a vectorised same-dtype op (see `_dropped`). Saved for
+    operands of one dtype: with mixed operands torch's CPU kernels were slower than a vectorised
+    cast plus a same-dtype op — for [32, 12, 512, 512], `bf16 scores + fp32 mask` 57 ms against
+    14 + 10, `mul(fp32, bf16, out=bf16)` 140-300 ms against 11 + 10 (see `_dropped`). Saved for
     backward: q, k, v, the fp32 probabilities and the 0/1 keep mask in the inputs' dtype; the
     dropped probabilities are recomputed in backward (two passes over 16-bit data) rather than kept
     (2 bytes per score per layer)."""
