@@ -409,7 +409,7 @@ def clip_cpu_gradients(parameters, max_norm: float) -> torch.Tensor:
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
     coefficient = max_norm / (total + 1e-6)
     if coefficient < 1:  # False for NaN too: the update is skipped then, the gradients are left as they are
-        torch._foreach_mul_(grads, torch.clamp(coefficient, max=1.0))
+        torch._foreach_mul_(grads, coefficient)  # torch clamps it to 1 first: below 1 that changes nothing
     return total
 
 
