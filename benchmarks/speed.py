@@ -23,6 +23,7 @@ train rows (same precision as (c), no evaluation inside the loop), which should 
 
     python benchmarks/speed.py --epochs 1            # about 15 minutes on 2 cores (20 with --compile)
     python benchmarks/speed.py --quick               # smoke test: a few hundred rows, short sequences
+    python benchmarks/speed.py --emulate-avx2 ...     # as on a CPU without native bf16 (see EMULATE_AVX2)
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ import torch  # noqa: E402
 from tunesmith.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model, measured_bf16_speedup  # noqa: E402
 
 BATCH, LR, MAX_LENGTH, SEED = 32, 5e-5, 128, 0
+# `--emulate-avx2`: torch's own kernels, oneDNN and MKL restricted to AVX2, so that bf16 matmuls lose their
+# native instructions (~300x slower here) while /proc/cpuinfo still lists avx512_bf16 — which is what
+# tunesmith's `precision: auto` meets on an AVX2-only CPU after its flag check: only the measurement can tell.
+# It runs the same code paths as such a CPU, not at its speed (this machine's fp32 matmuls stay as fast).
+EMULATE_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 LABELS = {"trainer-defaults": "(a)", "trainer-best": "(b)", "trainer-best-allocator": "(b+)", "tunesmith": "(c)",
           "tunesmith-compile": "(d)", "tunesmith-frozen": "(f)", "tunesmith-no-first-token": "(c-)",
           "tunesmith-no-fast-dropout": "(c-)", "tunesmith-every-embedding-row": "(c-)",
@@ -278,8 +284,13 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/speed.json")
     parser.add_argument("--seeds", nargs="+", type=int, default=[SEED],
                         help="Training seeds (the split stays seed 0); with several, the table shows mean ± std.")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="Restrict torch, oneDNN and MKL to AVX2 in this process tree (a CPU without native bf16).")
     parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "SPLIT_DIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.emulate_avx2 and any(os.environ.get(k) != v for k, v in EMULATE_AVX2.items()):
+        # The ISA limits are read when torch and oneDNN first run a kernel: start again with them set.
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **EMULATE_AVX2})
     if args.child:
         child(args.child[0], Path(args.child[1]), args.epochs, Path(args.child[2]))
         return
@@ -297,7 +308,9 @@ def main() -> None:
 
     flags = sorted(cpu_flags() & ({"avx2", "avx512f"} | NATIVE_BF16_FLAGS))
     speedup = measured_bf16_speedup()
-    print(f"CPU: {cpu_model()} | flags: {', '.join(flags)} | cores {os.cpu_count()} | bf16 matmul speed-up {speedup:.2f}x")
+    isa = {k: os.environ[k] for k in EMULATE_AVX2 if k in os.environ}
+    print(f"CPU: {cpu_model()} | flags: {', '.join(flags)} | cores {os.cpu_count()} | bf16 matmul speed-up {speedup:.2f}x"
+          f" | torch kernels {torch.backends.cpu.get_cpu_capability()}" + (f" | ISA limits {isa}" if isa else ""))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         split_dir = Path(tmp)
@@ -343,6 +356,7 @@ def main() -> None:
                   f"{d['time_vs_linear']:.2f} |")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"cpu": cpu_model(), "flags": flags, "bf16_speedup": speedup, "seeds": args.seeds,
+                                  "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "isa_limits": isa,
                                   "summary": summary, "results": rows,
                                   "frozen_vs_full": frozen,
                                   "gemm_peak_gflops": peak, "sequence_scaling": scaling, "data_scaling": scaling_data,
