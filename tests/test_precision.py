@@ -1,5 +1,10 @@
 """precision: auto picks bf16 only with native bf16 flags AND a measured speed-up."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -47,3 +52,22 @@ def test_explicit_precision_wins(monkeypatch):
 
 def test_real_measurement_is_positive():
     assert precision.measured_bf16_speedup() > 0
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 ISA limits")
+def test_bf16_without_its_instructions_measures_slow_and_gets_fp32():
+    """The case the flag check cannot see (a CPU that lists avx512_bf16 while bf16 matmuls run without
+    it, as on an AVX2-only CPU): torch, oneDNN and MKL restricted to AVX2 in a child process, real
+    matmuls, no mocks. On a CPU with bf16 flags the measurement must catch it; on one without, the flags."""
+    script = (
+        "import torch; from tunesmith.precision import choose_precision; "
+        "c = choose_precision('auto', torch.device('cpu')); print(c.precision); print(c.reason); "
+        "print(torch.backends.cpu.get_cpu_capability())"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=True)
+    chosen, reason, capability = out.stdout.strip().splitlines()[-3:]
+    assert capability in ("AVX2", "DEFAULT")
+    assert chosen == "fp32", reason
+    expected = "measured only" if precision.NATIVE_BF16_FLAGS & precision.cpu_flags() else "no native bf16"
+    assert expected in reason
