@@ -23,7 +23,7 @@ train rows (same precision as (c), no evaluation inside the loop), which should 
 
     python benchmarks/speed.py --epochs 1            # about 15 minutes on 2 cores (20 with --compile)
     python benchmarks/speed.py --quick               # smoke test: a few hundred rows, short sequences
-    python benchmarks/speed.py --emulate-avx2 ...     # as on a CPU without native bf16 (see EMULATE_AVX2)
+    python benchmarks/speed.py --emulate-avx2 ...     # as on a CPU without native bf16 (see AVX2_ONLY_ENVIRONMENT)
 """
 
 from __future__ import annotations
@@ -47,14 +47,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tunesmith.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model, measured_bf16_speedup  # noqa: E402
+from tunesmith.precision import (  # noqa: E402
+    AVX2_ONLY_ENVIRONMENT,
+    NATIVE_BF16_FLAGS,
+    cpu_flags,
+    cpu_model,
+    measured_bf16_speedup,
+)
 
 BATCH, LR, MAX_LENGTH, SEED = 32, 5e-5, 128, 0
-# `--emulate-avx2`: torch's own kernels, oneDNN and MKL restricted to AVX2, so that bf16 matmuls lose their
-# native instructions (~300x slower here) while /proc/cpuinfo still lists avx512_bf16 — which is what
-# tunesmith's `precision: auto` meets on an AVX2-only CPU after its flag check: only the measurement can tell.
-# It runs the same code paths as such a CPU, not at its speed (this machine's fp32 matmuls stay as fast).
-EMULATE_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# `--emulate-avx2` (`AVX2_ONLY_ENVIRONMENT`): bf16 matmuls lose their native instructions (~300x slower
+# here) while /proc/cpuinfo still lists avx512_bf16. It runs an AVX2-only CPU's code paths, not at its
+# speed (this machine's fp32 matmuls stay as fast).
 LABELS = {"trainer-defaults": "(a)", "trainer-best": "(b)", "trainer-best-allocator": "(b+)", "tunesmith": "(c)",
           "tunesmith-compile": "(d)", "tunesmith-frozen": "(f)", "tunesmith-no-first-token": "(c-)",
           "tunesmith-no-fast-dropout": "(c-)", "tunesmith-every-embedding-row": "(c-)",
@@ -288,9 +292,9 @@ def main() -> None:
                         help="Restrict torch, oneDNN and MKL to AVX2 in this process tree (a CPU without native bf16).")
     parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "SPLIT_DIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.emulate_avx2 and any(os.environ.get(k) != v for k, v in EMULATE_AVX2.items()):
+    if args.emulate_avx2 and any(os.environ.get(k) != v for k, v in AVX2_ONLY_ENVIRONMENT.items()):
         # The ISA limits are read when torch and oneDNN first run a kernel: start again with them set.
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **EMULATE_AVX2})
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **AVX2_ONLY_ENVIRONMENT})
     if args.child:
         child(args.child[0], Path(args.child[1]), args.epochs, Path(args.child[2]))
         return
@@ -308,7 +312,7 @@ def main() -> None:
 
     flags = sorted(cpu_flags() & ({"avx2", "avx512f"} | NATIVE_BF16_FLAGS))
     speedup = measured_bf16_speedup()
-    isa = {k: os.environ[k] for k in EMULATE_AVX2 if k in os.environ}
+    isa = {k: os.environ[k] for k in AVX2_ONLY_ENVIRONMENT if k in os.environ}
     print(f"CPU: {cpu_model()} | flags: {', '.join(flags)} | cores {os.cpu_count()} | bf16 matmul speed-up {speedup:.2f}x"
           f" | torch kernels {torch.backends.cpu.get_cpu_capability()}" + (f" | ISA limits {isa}" if isa else ""))
     rows = []

@@ -261,8 +261,6 @@ def test_math_attention_gives_the_same_loss_and_gradients():
 class _Attention(nn.Module):
     """Stands in for a transformers attention module (what `attention_forward` reads of it)."""
 
-    current: "_Attention"  # the module `_output_and_grads` hands the attention function
-
     def __init__(self, is_causal=False, groups=1):
         super().__init__()
         self.is_causal, self.num_key_value_groups = is_causal, groups
@@ -285,9 +283,9 @@ def _padding_mask(batch=3, length=7, kind="bool"):
 NO_DROP = 1e-7
 
 
-def _output_and_grads(attention, q, k, v, *args, **kwargs):
+def _output_and_grads(attention, module, q, k, v, *args, **kwargs):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out, weights = attention(_Attention.current, q, k, v, *args, **kwargs)
+    out, weights = attention(module, q, k, v, *args, **kwargs)
     torch.manual_seed(7)
     out.backward(torch.randn(out.shape, dtype=out.dtype))
     return out, weights, (q.grad, k.grad, v.grad)
@@ -298,12 +296,12 @@ def test_attention_forward_computes_what_sdpa_does(case):
     """Outputs and the hand-written backward's gradients of q, k and v, against SDPA with autograd."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    _Attention.current = _Attention(is_causal=case.startswith("causal"), groups=2 if case == "gqa" else 1).train()
+    module = _Attention(is_causal=case.startswith("causal"), groups=2 if case == "gqa" else 1).train()
     shapes = {"causal_longer_kv": {"q_len": 7, "kv_len": 9}, "gqa": {"kv_heads": 2}}.get(case, {})
     q, k, v = _qkv(**shapes)
     mask = {"bool_mask": _padding_mask(), "float_mask": _padding_mask(kind="float")}.get(case)
-    ours, weights, ours_grads = _output_and_grads(attention_forward, q, k, v, mask, dropout=NO_DROP, scaling=0.3)
-    reference, _, reference_grads = _output_and_grads(sdpa_attention_forward, q, k, v, mask, dropout=0.0, scaling=0.3)
+    ours, weights, ours_grads = _output_and_grads(attention_forward, module, q, k, v, mask, dropout=NO_DROP, scaling=0.3)
+    reference, _, reference_grads = _output_and_grads(sdpa_attention_forward, module, q, k, v, mask, dropout=0.0, scaling=0.3)
     assert weights is None and ours.shape == reference.shape == (3, 7, 4, 8)
     assert torch.allclose(ours, reference, atol=1e-6)
     for grad, expected in zip(ours_grads, reference_grads):
@@ -313,11 +311,11 @@ def test_attention_forward_computes_what_sdpa_does(case):
 def test_attention_dropout_gradients_follow_the_drawn_mask():
     """With real dropout: the same outputs and gradients as autograd through softmax * mask * scale, the
     mask being the one `keep_mask` draws from the same generator state."""
-    _Attention.current = _Attention().train()
+    module = _Attention().train()
     q, k, v = _qkv()
     mask = _padding_mask()
     torch.manual_seed(3)
-    ours, _, ours_grads = _output_and_grads(attention_forward, q, k, v, mask, dropout=0.2, scaling=0.3)
+    ours, _, ours_grads = _output_and_grads(attention_forward, module, q, k, v, mask, dropout=0.2, scaling=0.3)
 
     def reference_attention(module, q, k, v, mask, dropout, scaling):
         torch.manual_seed(3)
@@ -325,7 +323,7 @@ def test_attention_dropout_gradients_follow_the_drawn_mask():
         keep, scale = keep_mask(scores.shape, 1 - dropout)
         return (torch.softmax(scores, -1) * keep * scale @ v).transpose(1, 2), None
 
-    reference, _, reference_grads = _output_and_grads(reference_attention, q, k, v, mask, dropout=0.2, scaling=0.3)
+    reference, _, reference_grads = _output_and_grads(reference_attention, module, q, k, v, mask, dropout=0.2, scaling=0.3)
     assert torch.allclose(ours, reference, atol=1e-6)
     for grad, expected in zip(ours_grads, reference_grads):
         assert torch.allclose(grad, expected, atol=1e-5)
@@ -334,13 +332,13 @@ def test_attention_dropout_gradients_follow_the_drawn_mask():
 def test_attention_forward_bf16_rounds_like_eager_attention_and_upcast_keeps_sdpa_numerics():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    _Attention.current = module = _Attention().train()
+    module = _Attention().train()
     q, k, v = _qkv(batch=4, heads=4, q_len=24, kv_len=24, dim=16, dtype=torch.bfloat16)
     mask = _padding_mask(batch=4, length=24)
-    exact, _, exact_grads = _output_and_grads(sdpa_attention_forward, *(t.float() for t in (q, k, v)), mask, dropout=0.0)
+    exact, _, exact_grads = _output_and_grads(sdpa_attention_forward, module, *(t.float() for t in (q, k, v)), mask, dropout=0.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, _, ours_grads = _output_and_grads(attention_forward, q, k, v, mask, dropout=NO_DROP)
-        upcast, _, _ = _output_and_grads(attention_forward, q, k, v, mask, dropout=NO_DROP, upcast=True)
+        ours, _, ours_grads = _output_and_grads(attention_forward, module, q, k, v, mask, dropout=NO_DROP)
+        upcast, _, _ = _output_and_grads(attention_forward, module, q, k, v, mask, dropout=NO_DROP, upcast=True)
         sdpa, _ = attention_forward(module, q, k, v, mask, dropout=0.0)
     assert ours.dtype == upcast.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in ours_grads)
     # upcast: SDPA's math kernel, which computes bf16 inputs in fp32 and rounds once at the end (one bf16 step apart at most).

@@ -64,7 +64,7 @@ def test_bf16_without_its_instructions_measures_slow_and_gets_fp32():
         "c = choose_precision('auto', torch.device('cpu')); print(c.precision); print(c.reason); "
         "print(torch.backends.cpu.get_cpu_capability())"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    env = {**os.environ, **precision.AVX2_ONLY_ENVIRONMENT}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=True)
     chosen, reason, capability = out.stdout.strip().splitlines()[-3:]
     assert capability in ("AVX2", "DEFAULT")

@@ -69,8 +69,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import ctypes.util
+import functools
 import math
 
 import numpy as np

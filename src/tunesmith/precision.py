@@ -17,6 +17,11 @@ from pathlib import Path
 import torch
 
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+# Environment that makes a process run as on an AVX2-only CPU: torch's kernels, oneDNN and MKL limited to
+# AVX2, while /proc/cpuinfo still lists avx512_bf16 — the case only the measurement below can catch.
+# Read when torch and oneDNN first run a kernel, so it must be set before the process starts
+# (`benchmarks/speed.py --emulate-avx2`, `tests/test_precision.py`).
+AVX2_ONLY_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # bf16 must beat fp32 by this factor to be worth the (small) accuracy risk.
 MIN_BF16_SPEEDUP = 1.3
 
