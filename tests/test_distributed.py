@@ -60,13 +60,15 @@ def assert_matches_single_run(single, ddp_dir: Path) -> None:
     assert ddp_metrics["train"]["global_step"] == single.metrics["train"]["global_step"] == 12
 
 
-def single_and_ddp_config(tmp_path: Path):
-    """The one-process reference run, and the config file for the same run on 2 processes."""
+def single_and_ddp_config(tmp_path: Path, method: dict | None = None):
+    """The one-process reference run, and the config file for the same run on 2 processes
+    (`method`: the config's method section; full fine-tuning when None)."""
     model_dir = _no_dropout_bert(tmp_path / "bert")
     train = write_csv(tmp_path / "train.csv", sentiment_rows(64))
-    single = tunesmith.train(run_config(model_dir, train, tmp_path / "single", 8), show_progress=False)
+    config = lambda out, per_device: {**run_config(model_dir, train, out, per_device), **({"method": method} if method else {})}  # noqa: E731
+    single = tunesmith.train(config(tmp_path / "single", 8), show_progress=False)
     config_file = tmp_path / "ddp.yaml"
-    config_file.write_text(yaml.safe_dump(run_config(model_dir, train, tmp_path / "ddp", 4)))
+    config_file.write_text(yaml.safe_dump(config(tmp_path / "ddp", 4)))
     return single, config_file
 
 

@@ -201,3 +201,24 @@ def test_estimate_matches_the_peak_rss_of_a_real_run(tmp_path):
     numbers = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = numbers["estimated"] / numbers["measured"]
     assert 1 / 1.5 <= ratio <= 1.5, numbers
+
+
+@pytest.mark.parametrize(("stage", "fits"), [(None, False), ("1", False), ("2", True), ("3", True)])
+def test_deepspeed_zero_stages_divide_what_they_partition(tmp_path, tiny_bert, sentiment_csv, monkeypatch, stage, fits):
+    # 4 processes of 33 GiB each without partitioning (gradients 8, AdamW state 24, activations 1; the
+    # loaded weights are not counted on CPU) against 12 GiB: ZeRO-1 leaves 8 + 6 + 1, ZeRO-2 2 + 6 + 1.
+    fixed = memory.MemoryEstimate(device="cpu", weights=8 * GiB, gradients=8 * GiB, optimizer=24 * GiB, autocast=0,
+                                  activations=GiB, workspace=0, batch_size=1, seq_len=8)
+    monkeypatch.setattr(memory, "estimate_training_memory", lambda *args, **kwargs: fixed)
+    _little_ram(monkeypatch, 12 * GiB)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per machine: each has the 12 GiB
+    if stage:
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
+    cfg = parse_config(_cfg(tmp_path, tiny_bert, sentiment_csv, per_device_train_batch_size=1))
+    if fits:
+        check_memory(_bert(), cfg, "fp32", device="cpu")
+    else:
+        with pytest.raises(ResourceError, match="exceeds the 12.00 GiB of RAM"):
+            check_memory(_bert(), cfg, "fp32", device="cpu")

@@ -309,18 +309,25 @@ SITECUSTOMIZE = textwrap.dedent(
 )
 
 
-def two_process_trainer(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
-    """`run(args, signal_at=0)`: `tunesmith train ARGS --nproc 2`, each process sending itself SIGTERM
-    in its `signal_at`-th optimizer step (0: never), via a sitecustomize hook."""
+def two_process_trainer(tmp_path: Path, accelerate_config: Path | None = None) -> Callable[..., subprocess.CompletedProcess]:
+    """`run(args, signal_at=0)`: `tunesmith train ARGS --nproc 2` (or, with `accelerate_config`,
+    `accelerate launch --config_file CONFIG --num_processes 2 --mixed_precision no -m tunesmith.cli train ARGS`),
+    each process sending itself SIGTERM in its `signal_at`-th optimizer step (0: never), via a sitecustomize hook."""
     hooks = tmp_path / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    if accelerate_config is None:
+        launch, processes = [sys.executable, "-m", "tunesmith.cli", "train"], ["--nproc", "2"]
+    else:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+                  "--num_processes", "2", "--mixed_precision", "no", "-m", "tunesmith.cli", "train"]
+        processes = []
 
     def run(args: list[str], signal_at: int = 0) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(SRC)]), "OMP_NUM_THREADS": "1",
                "SIGNAL_AT_STEP": str(signal_at)}
-        return subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", *args, "--nproc", "2", "-q"],
-                              env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run([*launch, *args, *processes, "-q"], env=env, capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path)
 
     return run
 

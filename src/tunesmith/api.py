@@ -152,16 +152,25 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
 
     from accelerate.utils import DataLoaderConfiguration
 
-    from .distributed import check_launch_strategy, take_over_launcher_fsdp
+    from .distributed import check_launch_strategy, requested_strategy, take_over_launcher_fsdp
 
-    check_launch_strategy(torch.cuda.is_available())  # FSDP/DeepSpeed from `accelerate launch`: fail early, clearly
+    check_launch_strategy()  # FSDP/DeepSpeed from `accelerate launch`: fail early, clearly
     # FSDP2 from `accelerate launch`: tunesmith shards the model itself (see `distributed`); accelerate
     # must not see the request (it would select FSDP on GPUs only, and on CPU silently build DDP).
     take_over_launcher_fsdp()
+    cpu = not torch.cuda.is_available()
+    handlers = []
+    if cpu and requested_strategy() == "deepspeed":
+        # accelerate turns DeepSpeed off under cpu=True (it would run plain DDP, silently); without it
+        # and with gloo, accelerate starts DeepSpeed's process group and DeepSpeed its CPU accelerator.
+        from accelerate.utils import InitProcessGroupKwargs
+
+        cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
     return Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
-        cpu=not torch.cuda.is_available(),
+        cpu=cpu,
+        kwargs_handlers=handlers,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
 
@@ -322,8 +331,10 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
 
     uncache_body(accelerator.unwrap_model(model))
     # Under FSDP2 every process gathers the full weights together; the main process gets a plain model.
-    plain = distributed.plain_model(model, skeleton, accelerator.is_main_process) if skeleton is not None else (
+    plain = distributed.plain_model(model, skeleton, accelerator.is_main_process, accelerator) if skeleton is not None else (
         accelerator.unwrap_model(model))
+    if distributed.deepspeed_engine(accelerator) is not None:
+        accelerator.free_memory()  # kept by the loop for the fp32 master weights plain_model just read
     for trained in (accelerator.unwrap_model(model), plain):
         if trained is not None:
             restore_speed_options(trained)  # the returned/saved model is plain again (nn.Dropout, sdpa, every token)
@@ -359,8 +370,18 @@ def _launcher_fsdp(cfg: RunConfig) -> bool:
 
 def _maybe_shard(model, cfg: RunConfig, accelerator, launcher_fsdp: bool, reshard: bool, speed: dict) -> torch.nn.Module | None:
     """FSDP2 when `train.fsdp` is set (or `accelerate launch` asked for it) and several processes run:
-    shards `model` in place and returns a parameter-less copy of it for the final save; else None."""
+    shards `model` in place and returns a parameter-less copy of it for the final save; else None.
+    Under DeepSpeed (which partitions the model in `prepare`) the copy is returned too."""
     speed["fsdp"] = False
+    if distributed.deepspeed_requested(accelerator):
+        if cfg.train.fsdp:
+            raise ConfigError("train.fsdp=true under DeepSpeed (accelerate launch with a DeepSpeed config): both shard the "
+                              "model; drop train.fsdp, or launch with configs/accelerate/fsdp.yaml instead")
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        speed["deepspeed"] = {"processes": accelerator.num_processes, "zero_stage": stage, "device": accelerator.device.type}
+        log.info("accelerate launch (DeepSpeed): ZeRO stage %d over %d processes (%s)", stage, accelerator.num_processes,
+                 accelerator.device.type)
+        return distributed.meta_copy(model)
     if not cfg.train.fsdp:
         return None
     source = "accelerate launch (FSDP)" if launcher_fsdp else "train.fsdp"

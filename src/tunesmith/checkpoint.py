@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed
 from .errors import TunesmithError
+from .methods import parameter_shape
 
 log = logging.getLogger("tunesmith")
 
@@ -170,6 +171,8 @@ def save_checkpoint(
         broadcast_object_list(tmp_name)
     tmp = checkpoints_dir / tmp_name[0]
     sharded = distributed.sharding(model, accelerator) is not None
+    engine = distributed.deepspeed_engine(accelerator)
+    collective = distributed.collective_weights(model, accelerator)
     failure = None
     try:
         if main:
@@ -178,14 +181,16 @@ def save_checkpoint(
             tmp.mkdir()
         accelerator.wait_for_everyone()
         _torch_save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
-        # Under sharding every process takes part in gathering the weights and writes its optimizer shard.
-        weights = distributed.gather_state(model, accelerator, keep=main) if sharded or main else None
-        if sharded:
+        # Under sharding or DeepSpeed every process takes part in gathering the weights and writes its optimizer shard.
+        weights = distributed.gather_state(model, accelerator, keep=main) if collective or main else None
+        if engine is not None:
+            distributed.save_deepspeed_state(engine, tmp)
+        elif sharded:
             _torch_save(distributed.local_optimizer_state(optimizer), tmp / f"optimizer-rank{accelerator.process_index}.pt")
         if main:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
             fsync_file(tmp / "trainable.safetensors")
-            if not sharded:
+            if not sharded and engine is None:
                 _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
             _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
             if scaler is not None:
@@ -265,8 +270,13 @@ def restore_checkpoint(checkpoint: Checkpoint, *, model: torch.nn.Module, optimi
     """Load weights, optimizer, scheduler and scaler (RNG states: `restore_rng`, when the first new batch is due)."""
     path = checkpoint.path
     sharded = distributed.sharding(model, accelerator) is not None
+    engine = distributed.deepspeed_engine(accelerator)
+    if (path / distributed.DEEPSPEED_TAG).is_dir() != (engine is not None):
+        raise CheckpointError(
+            f"checkpoint '{path}' was written by a {'DeepSpeed' if engine is None else 'non-DeepSpeed'} run and this run "
+            f"{'does not use' if engine is None else 'uses'} DeepSpeed; resume with the accelerate config the run was started with")
     per_rank = (path / "optimizer-rank0.pt").exists()
-    if per_rank != sharded:
+    if engine is None and per_rank != sharded:
         raise CheckpointError(
             f"checkpoint '{path}' was written by a {'sharded (FSDP2)' if per_rank else 'non-sharded'} run and this run is "
             f"{'sharded' if sharded else 'not sharded'}; resume with the number of processes and the train.fsdp "
@@ -274,20 +284,25 @@ def restore_checkpoint(checkpoint: Checkpoint, *, model: torch.nn.Module, optimi
     if not (path / f"rng-rank{accelerator.process_index}.pt").exists():
         raise CheckpointError(f"checkpoint '{path}' has no RNG state for process {accelerator.process_index}; "
                               "resume with the same number of processes the run was started with")
-    # Under sharding the main process reads the weights and scatters them (a collective: every
-    # process learns whether reading failed before any of them enters it).
+    # Under sharding or DeepSpeed the main process reads the weights (and under FSDP2 scatters them):
+    # a collective, so every process learns whether reading failed before any of them enters it.
+    collective = distributed.collective_weights(model, accelerator)
     state, problem = None, None
-    if accelerator.is_main_process or not sharded:
+    if accelerator.is_main_process or not collective:
         try:
             state = load_file(str(path / "trainable.safetensors"))
-            expected = {n: p.shape for n, p in distributed.trainable_tensors(model)}
+            expected = {n: parameter_shape(p) for n, p in distributed.trainable_tensors(model)}
             if set(state) != set(expected) or any(tuple(state[n].shape) != tuple(expected[n]) for n in expected):
                 missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
                 problem = f"missing {missing[:3]}, unexpected {extra[:3]}" if missing or extra else "parameter shapes differ"
         except (OSError, RuntimeError) as err:
             problem = str(err)
-    if any_process(accelerator, problem is not None) if sharded else problem is not None:
+    if any_process(accelerator, problem is not None) if collective else problem is not None:
         raise _weights_mismatch(path, problem or "see the main process")
+    if engine is not None:  # DeepSpeed's own checkpoint: the weights, its fp32 master weights and optimizer partitions
+        distributed.load_deepspeed_state(engine, path)
+        scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
+        return
     try:
         distributed.load_trainable_state(model, state, accelerator)
     except (KeyError, RuntimeError) as err:

@@ -7,13 +7,18 @@ in environment variables (`ACCELERATE_USE_FSDP`, `ACCELERATE_USE_DEEPSPEED`, `FS
 the Accelerator is built and turns the cases that would otherwise fail late, hang or silently do
 something else into one-line errors:
 
-- DeepSpeed without a CUDA device (accelerate enables it only `if ... and not cpu`, and would
-  otherwise run plain DDP), or without `deepspeed` installed.
+- DeepSpeed without `deepspeed` installed.
 - FSDP version 1: `train` evaluates and saves through the model object it prepared, which FSDP1
   replaces with a wrapper (FSDP2 shards in place).
-- DeepSpeed ZeRO-3 (weights partitioned): `gather_state` / `load_trainable_state` below handle it,
-  but no run was ever made with it (deepspeed is not installed where tunesmith is tested), so it
-  stays refused. ZeRO-2 (optimizer and gradient sharding, full weights on every process) is allowed.
+
+DeepSpeed (ZeRO-2 and ZeRO-3, `configs/accelerate/deepspeed_zero{2,3}.yaml`) runs through
+accelerate, on GPUs and on CPU: accelerate enables it only `if ... and not cpu` (with `cpu=True`
+it silently runs plain DDP), so on CPU `api.make_accelerator` builds the Accelerator without
+`cpu=True` and with the gloo backend, and DeepSpeed picks its CPU accelerator. DeepSpeed casts
+the model itself to bf16/fp16 under mixed precision and keeps fp32 master weights in its
+(partitioned) optimizer: `gather_state`, `load_trainable_state` and `plain_model` read and write
+those (`deepspeed.utils.safe_get/set_full_fp32_param`), and resumable checkpoints hold DeepSpeed's
+own checkpoint of its partitioned state (`save_deepspeed_state`).
 
 FSDP2 (`train.fsdp: true`, or `accelerate launch` with configs/accelerate/fsdp.yaml) is run by
 tunesmith itself, with torch's `fully_shard`, on CPU (gloo) and GPU (NCCL) alike:
@@ -44,6 +49,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .methods import parameter_shape
 
 log = logging.getLogger("tunesmith")
 
@@ -59,7 +65,7 @@ def requested_strategy(env: Mapping[str, str] = os.environ) -> str:
     return "ddp"
 
 
-def check_launch_strategy(cuda_available: bool, env: Mapping[str, str] = os.environ) -> None:
+def check_launch_strategy(env: Mapping[str, str] = os.environ) -> None:
     strategy = requested_strategy(env)
     if strategy == "ddp":
         return
@@ -70,21 +76,10 @@ def check_launch_strategy(cuda_available: bool, env: Mapping[str, str] = os.envi
                 "(in-place sharding); set `fsdp_version: 2` in fsdp_config (see configs/accelerate/fsdp.yaml)"
             )
         return  # FSDP2: tunesmith shards the model itself (take_over_launcher_fsdp), on CPU and GPU
-    if not cuda_available:
-        raise ConfigError(
-            "accelerate launch asked for DeepSpeed, which needs CUDA GPUs; found no CUDA device (accelerate runs DeepSpeed "
-            f"on GPUs only and on CPU would silently fall back to plain DDP); {CPU_FIX}, or add train.fsdp=true to shard "
-            "the weights (FSDP2)"
-        )
+    # DeepSpeed, on GPUs (NCCL) and on CPU (gloo, see `api.make_accelerator`); ZeRO-2 and ZeRO-3 are tested on CPU.
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("accelerate launch asked for DeepSpeed, which is not installed; pip install deepspeed, or use "
-                          "configs/accelerate/ddp_multi_gpu.yaml")
-    if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        raise ConfigError(
-            "accelerate launch asked for DeepSpeed ZeRO-3, which shards the weights across processes; tunesmith runs "
-            "sharded weights with FSDP2 only (ZeRO-3 was never run); use configs/accelerate/fsdp.yaml (or train.fsdp=true), "
-            "deepspeed_zero2.yaml, or method=lora to fit a large model"
-        )
+                          "configs/accelerate/ddp_multi_gpu.yaml (" + CPU_FIX + ")")
 
 
 LAUNCHER_FSDP_PREFIXES = ("FSDP_",)
@@ -137,16 +132,22 @@ def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` whose parameters are on the meta device (no memory), buffers kept: the
     skeleton `plain_model` fills with the gathered weights. Take it before sharding. Tied
     parameters stay tied."""
-    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad) for p in model.parameters()}
+    # (`parameter_shape`: ZeRO-3's partitioned parameters are empty placeholders of another shape)
+    memo = {id(p): nn.Parameter(torch.empty(parameter_shape(p), dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
     return copy.deepcopy(model, memo)
 
 
-def plain_model(model: nn.Module, skeleton: nn.Module, main: bool) -> nn.Module | None:
+def plain_model(model: nn.Module, skeleton: nn.Module, main: bool, accelerator=None) -> nn.Module | None:
     """The full, unsharded model (CPU) on the main process, None on the others. A collective.
 
-    `skeleton` is `meta_copy(model)` from before sharding: its parameters are replaced with the
-    gathered ones (names are the same: FSDP2 keeps them), its buffers with the model's."""
-    full = {name: _full(param, keep=main) for name, param in model.named_parameters()}  # all-gather, same order everywhere
+    `skeleton` is `meta_copy(model)` from before sharding (or before DeepSpeed's `prepare`): its
+    parameters are replaced with the gathered ones (names are the same: FSDP2 keeps them), its buffers
+    with the model's. Under DeepSpeed the trained parameters are its fp32 master weights (`gather_state`)."""
+    if deepspeed_engine(accelerator) is not None:
+        full = _deepspeed_parameters(model, accelerator, trainable_only=False, keep=main)
+    else:  # all-gather, same order everywhere
+        full = {name: _full(param, keep=main) for name, param in model.named_parameters()}
     if not main:
         return None
     old = dict(skeleton.named_parameters())
@@ -160,6 +161,13 @@ def plain_model(model: nn.Module, skeleton: nn.Module, main: bool) -> nn.Module 
             name = f"{module_name}.{key}" if module_name else key
             if buffer is not None and name in buffers:
                 module._buffers[key] = buffers[name]
+    if sharding(model, accelerator) == "zero3":
+        # transformers' ZeRO-3 loader records every weight renaming it knows for the model, applied or
+        # not, and save_pretrained reverts them: LayerNorm.weight would be saved as the legacy
+        # LayerNorm.gamma. Without any, the model is saved under the names it has (as outside ZeRO-3).
+        for module in skeleton.modules():
+            if getattr(module, "_weight_conversions", None):
+                module._weight_conversions = []
     return skeleton
 
 
@@ -172,7 +180,7 @@ def sharding(model: nn.Module, accelerator=None) -> str | None:
 
     if isinstance(model, FSDPModule):
         return "fsdp2"
-    if accelerator is not None and str(accelerator.distributed_type).endswith("DEEPSPEED"):
+    if deepspeed_requested(accelerator):
         if accelerator.state.deepspeed_plugin.zero_stage == 3:
             return "zero3"
     return None
@@ -205,15 +213,12 @@ def gather_state(model: nn.Module, accelerator=None, trainable_only: bool = True
     `keep=False`: take part in the gathering but keep nothing (processes that do not write; FSDP2
     only — each full tensor is dropped as soon as it is gathered)."""
     kind = sharding(model, accelerator)
-    if kind == "zero3":
-        import deepspeed
-
+    if deepspeed_engine(accelerator) is not None:
         module = accelerator.unwrap_model(model)
-        params = [p for p in module.parameters() if p.requires_grad or not trainable_only]
-        with deepspeed.zero.GatheredParameters(params):
-            if trainable_only:
-                return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        full = _deepspeed_parameters(module, accelerator, trainable_only, keep)
+        if not trainable_only:
+            full.update({k: v.detach().cpu().clone() for k, v in module.named_buffers()})
+        return full if keep else {}
     if accelerator is not None and kind is None:
         model = accelerator.unwrap_model(model)
     items = trainable_tensors(model) if trainable_only else model.state_dict().items()
@@ -224,24 +229,63 @@ def gather_state(model: nn.Module, accelerator=None, trainable_only: bool = True
     return {k: _full(v) for k, v in items}
 
 
+def _deepspeed_parameters(module: nn.Module, accelerator, trainable_only: bool, keep: bool) -> dict[str, torch.Tensor | None]:
+    """Full CPU copies of `module`'s parameters under DeepSpeed (a collective: both reads below are).
+
+    Trained parameters come from the optimizer's fp32 master weights: under bf16/fp16 DeepSpeed casts
+    the module itself to 16 bits, so its own copies are rounded. Frozen ones (not in the optimizer)
+    are the module's copies, as fp32 (16-bit-rounded under bf16/fp16)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    zero3 = sharding(module, accelerator) == "zero3"
+    full = {}
+    for name, param in module.named_parameters():  # the same order on every process
+        if not param.requires_grad and trainable_only:
+            continue
+        value = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if value is None:
+            with deepspeed.zero.GatheredParameters([param], enabled=zero3):
+                value = param.detach().to(torch.float32, copy=True)  # a copy: the gathered data is released on leaving
+        full[name] = value.detach().cpu().clone() if keep else None
+    return full
+
+
+@torch.no_grad()
+def _load_deepspeed_parameters(module: nn.Module, state: dict[str, torch.Tensor], accelerator) -> None:
+    """Put full tensors into the trained parameters under DeepSpeed: the module's weights (which the
+    forward uses; 16-bit under bf16/fp16) and the optimizer's fp32 master weights (which the next
+    step updates and `_deepspeed_parameters` reads). Every process passes the same `state`."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    # Under ZeRO-3 the gathered weights are partitioned again on leaving, from the main process's values.
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0,
+                                           enabled=sharding(module, accelerator) == "zero3"):
+        for name, param in named:
+            param.copy_(state[name])
+    for name, param in named:
+        safe_set_full_fp32_param(param, state[name].to(device=param.device, dtype=torch.float32))
+
+
+def collective_weights(model: nn.Module, accelerator=None) -> bool:
+    """Whether reading or writing the weights is a collective every process must join (FSDP2, DeepSpeed)."""
+    return sharding(model, accelerator) is not None or deepspeed_engine(accelerator) is not None
+
+
 @torch.no_grad()
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None, accelerator=None) -> None:
     """Copy full tensors into the (possibly sharded) `trainable_tensors`.
 
-    Under sharding only the main process needs `state` (others pass None): its values are scattered
-    to every process. A collective under sharding, like `gather_state`."""
+    Under FSDP2 only the main process needs `state` (others pass None): its values are scattered
+    to every process. Under DeepSpeed every process passes it. A collective under sharding or
+    DeepSpeed, like `gather_state`."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     kind = sharding(model, accelerator)
-    if kind == "zero3":
-        import deepspeed
-
-        module = accelerator.unwrap_model(model)
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0):
-            if state is not None and accelerator.is_main_process:
-                for name, param in named:
-                    param.copy_(state[name])
+    if deepspeed_engine(accelerator) is not None:
+        _load_deepspeed_parameters(accelerator.unwrap_model(model), state, accelerator)
         return
     if accelerator is not None and kind is None:
         model = accelerator.unwrap_model(model)
@@ -255,6 +299,40 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None
 
 
 # --------------------------------------------------------------------------- sharded optimizer state
+
+
+DEEPSPEED_TAG = "deepspeed"  # the folder of DeepSpeed's own checkpoint inside a tunesmith checkpoint
+
+
+def deepspeed_requested(accelerator) -> bool:
+    """Whether `accelerator` runs DeepSpeed (`accelerate launch` with a DeepSpeed config)."""
+    return accelerator is not None and str(accelerator.distributed_type).endswith("DEEPSPEED")
+
+
+def deepspeed_engine(accelerator):
+    """The DeepSpeed engine accelerate built in `prepare` (None without DeepSpeed, or before `prepare`)."""
+    if not deepspeed_requested(accelerator):
+        return None
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    return wrapped.engine if wrapped is not None else None
+
+
+def save_deepspeed_state(engine, folder) -> None:
+    """DeepSpeed's own checkpoint of its ZeRO state under `folder/deepspeed`: every process's partition
+    of the optimizer state and fp32 master weights (and DeepSpeed's copy of the module). A collective.
+
+    Its own format, because DeepSpeed's optimizer state is partitioned its own way (flat fp32 groups,
+    loss scaler), and DeepSpeed's `zero_to_fp32.py` (copied into the folder) reads it."""
+    engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+
+
+def load_deepspeed_state(engine, folder) -> None:
+    """Inverse of `save_deepspeed_state` (the learning-rate schedule is tunesmith's `scheduler.pt`). A collective."""
+    path, _ = engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint in '{folder}/{DEEPSPEED_TAG}'")
+
 
 
 def local_optimizer_state(optimizer) -> dict:

@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from .errors import ResourceError
-from .methods import transformers_model
+from .distributed import requested_strategy
+from .methods import parameter_numel, transformers_model
 
 log = logging.getLogger("tunesmith")
 
@@ -187,9 +188,10 @@ def estimate_training_memory(
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        weight_bytes += p.numel() * p.element_size()
-        trainable += p.numel() if p.requires_grad else 0
+        numel = parameter_numel(p)  # the full size, also of ZeRO-3's partitioned placeholders
+        total += numel
+        weight_bytes += numel * p.element_size()
+        trainable += numel if p.requires_grad else 0
     config = getattr(model, "config", None)
     hidden = _config_value(config, "hidden_size", "d_model", "n_embd", "dim", default=768)
     layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers", default=12)
@@ -281,7 +283,12 @@ def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device:
     checkpointing = bool(getattr(cfg.train, "gradient_checkpointing", False))
     # FSDP2 (train.fsdp over N processes): each process keeps 1/N of the weights, gradients and AdamW state
     # (plus one gathered layer at a time, inside the workspace). On CPU the weights are counted as loaded.
-    shards = max(1, int(os.environ.get("WORLD_SIZE", "1"))) if getattr(cfg.train, "fsdp", False) else 1
+    # DeepSpeed ZeRO stage 1 partitions the AdamW state over the processes, stage 2 the gradients too, stage 3
+    # the weights as well.
+    processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    fsdp = bool(getattr(cfg.train, "fsdp", False))
+    zero = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0) if requested_strategy() == "deepspeed" else 0
+    split = lambda n, stage: n // processes if fsdp or zero >= stage else n  # noqa: E731
 
     def estimate(batch: int) -> MemoryEstimate:
         found = estimate_training_memory(
@@ -289,10 +296,8 @@ def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device:
             eval_batch_size=cfg.train.per_device_eval_batch_size, device=device,
             heap_reuse=bool(getattr(cfg.train, "reuse_freed_memory", False)),
         )
-        if shards == 1:
-            return found
-        return dataclasses.replace(found, weights=found.weights // shards, gradients=found.gradients // shards,
-                                   optimizer=found.optimizer // shards, autocast=found.autocast // shards)
+        return dataclasses.replace(found, weights=split(found.weights, 3), gradients=split(found.gradients, 2),
+                                   optimizer=split(found.optimizer, 1), autocast=split(found.autocast, 3))
 
     batch = min(cfg.train.per_device_train_batch_size, rows or cfg.train.per_device_train_batch_size)
     found = estimate(batch)

@@ -35,14 +35,25 @@ class ParamCount:
         return f"trainable parameters: {self.trainable:,} of {self.total:,} ({share:.2f}%)"
 
 
+def parameter_numel(p: torch.Tensor) -> int:
+    """A parameter's full size. Under DeepSpeed ZeRO-3 the tensor itself is an empty placeholder
+    (this process's partition lives in `ds_tensor`); `ds_numel` and `ds_shape` keep the full size and shape."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def parameter_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's full shape, also under ZeRO-3 (see `parameter_numel`)."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
 def count_parameters(model: nn.Module) -> ParamCount:
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        total += parameter_numel(p)
+        trainable += parameter_numel(p) if p.requires_grad else 0
     return ParamCount(trainable, total)
 
 

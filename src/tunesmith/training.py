@@ -38,6 +38,7 @@ from . import distributed
 from .checkpoint import Checkpoint, any_process, fsync_file, remove_partial, restore_checkpoint, restore_rng, save_checkpoint
 from .errors import ConfigError, TunesmithError
 from .interrupt import StopSignals, TrainingInterrupted
+from .methods import parameter_shape
 from .run import JsonlLog, write_jsonl
 
 log = logging.getLogger("tunesmith")
@@ -101,7 +102,7 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            (no_decay if is_norm or name.endswith("bias") or param.ndim < 2 else decay).append(param)
+            (no_decay if is_norm or name.endswith("bias") or len(parameter_shape(param)) < 2 else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -139,9 +140,8 @@ def _progress(console: Console | None, disable: bool) -> Progress:
 
 
 def save_best(model: nn.Module, path: Path, accelerator: Accelerator) -> None:
-    """Every process calls it (under sharding the weights are gathered together); the main process writes."""
-    sharded = distributed.sharding(model, accelerator) is not None
-    if not sharded and not accelerator.is_main_process:
+    """Every process calls it (under sharding or DeepSpeed the weights are gathered together); the main process writes."""
+    if not distributed.collective_weights(model, accelerator) and not accelerator.is_main_process:
         return
     weights = distributed.gather_state(model, accelerator, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -152,14 +152,16 @@ def save_best(model: nn.Module, path: Path, accelerator: Accelerator) -> None:
 
 
 def restore_best(model: nn.Module, path: Path, accelerator: Accelerator) -> None:
-    """Every process calls it. Under sharding the main process reads the file and scatters the
-    weights (and decides whether there is one); otherwise each process reads it."""
-    if distributed.sharding(model, accelerator) is None:
+    """Every process calls it. Under FSDP2 the main process reads the file and scatters the weights;
+    otherwise each process reads it. Under sharding or DeepSpeed the main process decides whether
+    there is one (loading is a collective then)."""
+    if not distributed.collective_weights(model, accelerator):
         if path.exists():
             distributed.load_trainable_state(model, load_file(str(path)), accelerator)
         return
     if any_process(accelerator, accelerator.is_main_process and path.exists()):
-        state = load_file(str(path)) if accelerator.is_main_process else None
+        everyone = distributed.sharding(model, accelerator) != "fsdp2"
+        state = load_file(str(path)) if accelerator.is_main_process or everyone else None
         distributed.load_trainable_state(model, state, accelerator)
 
 
@@ -388,7 +390,10 @@ def train_loop(
     accelerator.wait_for_everyone()  # the main process wrote the best checkpoint; everyone restores it
     restore_best(unwrapped, best_path, accelerator)
     logbook.close()
-    accelerator.free_memory()
+    # DeepSpeed's engine holds the fp32 master weights the final save reads (`distributed.plain_model`):
+    # `api` frees it after that.
+    if distributed.deepspeed_engine(accelerator) is None:
+        accelerator.free_memory()
     return result
 
 
