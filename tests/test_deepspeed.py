@@ -10,9 +10,11 @@ a run exactly.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from tunesmith.checkpoint import latest_checkpoint
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make test installs it)")
 
 ACCELERATE = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+SRC = Path(__file__).resolve().parents[1] / "src"
 STAGES = [2, 3]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where 2 GPUs are, the same runs take NCCL
 
@@ -123,3 +126,54 @@ def test_resuming_a_deepspeed_checkpoint_without_deepspeed_is_refused(tiny_bert,
     assert plain.returncode != 0
     assert "was written by a DeepSpeed run and this run does not use DeepSpeed" in plain.stderr.replace("\n", " "), \
         plain.stderr[-3000:]
+
+
+POISON = textwrap.dedent(
+    """
+    # Loaded by every process of the run: the training loss is NaN in the 3rd and 4th training batches.
+    import os
+    if os.environ.get("POISON_LOSS"):
+        from tunesmith.tasks.classification import ClassificationTask
+        _loss_fn = ClassificationTask.loss_fn
+        def poisoned(self, cfg, state, train):
+            inner, calls = _loss_fn(self, cfg, state, train), [0]
+            def loss(logits, labels):
+                if train is not None and logits.requires_grad:
+                    calls[0] += 1
+                    if calls[0] in (3, 4):
+                        return inner(logits, labels) * float("nan")
+                return inner(logits, labels)
+            return loss
+        ClassificationTask.loss_fn = poisoned
+        # A NaN loss reaching DeepSpeed's backward (where its engine steps) is recorded in a file.
+        from deepspeed.runtime.engine import DeepSpeedEngine
+        _backward = DeepSpeedEngine.backward
+        def backward(self, loss, *args, **kwargs):
+            if not bool(loss.isfinite()):
+                open(os.environ["POISON_LOSS"], "a").write("nan loss in backward; ")
+            return _backward(self, loss, *args, **kwargs)
+        DeepSpeedEngine.backward = backward
+    """
+)
+
+
+def test_deepspeed_skips_a_nonfinite_loss_before_it_updates_the_weights(tmp_path):
+    """DeepSpeed's engine steps inside accelerate's backward: a NaN loss must be caught before it
+    (DeepSpeed 0.19 also skips steps whose gradient norm is not finite, depending on its settings:
+    the check here is that the NaN loss never reaches its backward)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(POISON)
+    _, config_file = single_and_ddp_config(tmp_path)
+    config_file.write_text(config_file.read_text().replace("precision: fp32", "precision: bf16"))
+    reached = tmp_path / "nan-backward.txt"
+    env = {**launch_env(), "POISON_LOSS": str(reached), "PYTHONPATH": os.pathsep.join([str(hooks), str(SRC)])}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "deepspeed_zero2.yaml"),
+               "--num_processes", "2", "--mixed_precision", "bf16", "-m", "tunesmith.cli", "train", str(config_file), "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "skipped"] == [3, 4]
+    assert not reached.exists(), reached.read_text()
+    weights = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())

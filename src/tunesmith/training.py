@@ -214,6 +214,7 @@ def train_loop(
     # resumed run replays the same order (accelerate keeps the sampler object when it wraps the loader).
     sampler_generator = getattr(train_loader.sampler, "generator", None)
     sharded = distributed.sharding(model, accelerator) == "fsdp2"
+    deepspeed = distributed.deepspeed_requested(accelerator)
     # Compiled graphs keep torch's kernel choice (a context switching kernels per batch would recompile).
     math_attention_max = 0 if train_cfg.torch_compile else train_cfg.cpu_math_attention_max_length
     if sharded:  # already sharded in place (FSDP2): accelerate must not wrap it in DDP as well
@@ -319,11 +320,15 @@ def train_loop(
                     with accelerator.autocast(), attention_kernel(inputs, accelerator.device.type, math_attention_max):
                         logits = task.logits(model(**inputs))
                     loss = loss_fn(logits, labels)
-                    accelerator.backward(loss)
                     step_loss = loss.detach()
                     if accelerator.num_processes > 1:  # the global batch's loss, not this shard's
                         step_loss = accelerator.reduce(step_loss, reduction="mean")
                     step_loss = float(step_loss)
+                    # DeepSpeed's engine updates the weights inside accelerate's backward, before the
+                    # check below could skip the update: a non-finite loss must not reach it (every
+                    # process sees the same global loss, so all skip together).
+                    if math.isfinite(step_loss) or not deepspeed:
+                        accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         finite = _finite_update(accelerator, model, train_cfg, step_loss)
                         # The fp16 loss scaler skips non-finite updates itself and must see every step.
