@@ -35,11 +35,12 @@ STAGES = [2, 3]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where 2 GPUs are, the same runs take NCCL
 
 
-def _launch(stage: int, config_file: Path, cwd: Path, mixed_precision: str = "no") -> subprocess.CompletedProcess:
+def _launch(stage: int, config_file: Path, cwd: Path, mixed_precision: str = "no", **env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` with the repo's ZeRO config on 2 processes; `env`: extra environment variables."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / f"deepspeed_zero{stage}.yaml"),
                "--num_processes", "2", "--mixed_precision", mixed_precision, "-m", "tunesmith.cli", "train", str(config_file),
                "--quiet"]
-    return subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=300, cwd=cwd)
+    return subprocess.run(command, capture_output=True, text=True, env={**launch_env(), **env}, timeout=300, cwd=cwd)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -167,10 +168,7 @@ def test_deepspeed_skips_a_nonfinite_loss_before_it_updates_the_weights(tmp_path
     _, config_file = single_and_ddp_config(tmp_path)
     config_file.write_text(config_file.read_text().replace("precision: fp32", "precision: bf16"))
     reached = tmp_path / "nan-backward.txt"
-    env = {**launch_env(), "POISON_LOSS": str(reached), "PYTHONPATH": os.pathsep.join([str(hooks), str(SRC)])}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "deepspeed_zero2.yaml"),
-               "--num_processes", "2", "--mixed_precision", "bf16", "-m", "tunesmith.cli", "train", str(config_file), "--quiet"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    done = _launch(2, config_file, tmp_path, "bf16", POISON_LOSS=str(reached), PYTHONPATH=os.pathsep.join([str(hooks), str(SRC)]))
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["type"] == "skipped"] == [3, 4]
