@@ -118,15 +118,26 @@ def test_deepspeed_sigterm_and_resume_matches_uninterrupted(tiny_bert, sentiment
     _assert_same_run(tmp_path / "ref", tmp_path / "run")
 
 
-def test_resuming_a_deepspeed_checkpoint_without_deepspeed_is_refused(tiny_bert, sentiment_csv, tmp_path):
+def test_a_deepspeed_checkpoint_resumed_without_deepspeed_or_damaged_is_refused(tiny_bert, sentiment_csv, tmp_path):
     run = two_process_trainer(tmp_path, ACCELERATE / "deepspeed_zero2.yaml")
     cfg = _cfg(tiny_bert, sentiment_csv, tmp_path / "run", num_train_epochs=2, per_device_train_batch_size=4)
     stopped = run([str(_write_cfg(tmp_path, "run", cfg))], signal_at=4)
-    assert stopped.returncode != 0 and latest_checkpoint(tmp_path / "run" / "checkpoints") is not None, stopped.stderr[-3000:]
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert stopped.returncode != 0 and checkpoint is not None, stopped.stderr[-3000:]
     plain = two_process_trainer(tmp_path)(["--resume", str(tmp_path / "run")])
     assert plain.returncode != 0
     assert "was written by a DeepSpeed run and this run does not use DeepSpeed" in plain.stderr.replace("\n", " "), \
         plain.stderr[-3000:]
+    partitions = list((checkpoint.path / "deepspeed").glob("*optim_states.pt"))
+    assert len(partitions) == 2
+    for partition in partitions:
+        partition.unlink()
+    damaged = run(["--resume", str(tmp_path / "run")])
+    assert damaged.returncode != 0
+    assert "DeepSpeed could not load its state" in damaged.stderr.replace("\n", " "), damaged.stderr[-3000:]
+    # Exit code 2 in both processes: the CLI's handled error, not a crash (the launcher's own traceback follows it).
+    assert damaged.stderr.count("exitcode  : 2") == 2 or "exitcode: 2" in damaged.stderr, damaged.stderr[-3000:]
+    assert "[rank0]: Traceback" not in damaged.stderr and "[rank1]: Traceback" not in damaged.stderr
 
 
 POISON = textwrap.dedent(

@@ -300,7 +300,13 @@ def restore_checkpoint(checkpoint: Checkpoint, *, model: torch.nn.Module, optimi
     if any_process(accelerator, problem is not None) if collective else problem is not None:
         raise _weights_mismatch(path, problem or "see the main process")
     if engine is not None:  # DeepSpeed's own checkpoint: the weights, its fp32 master weights and optimizer partitions
-        distributed.load_deepspeed_state(engine, path)
+        try:
+            distributed.load_deepspeed_state(engine, path)
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"checkpoint '{path}': DeepSpeed could not load its state from "
+                                  f"'{path / distributed.DEEPSPEED_TAG}' ({type(err).__name__}: {str(err)[:200]}); resume "
+                                  "with the accelerate config and number of processes the run was started with, or from an "
+                                  "older checkpoint (delete this one)") from None
         scheduler.load_state_dict(_torch_load(path / "scheduler.pt"))
         return
     try:
