@@ -243,11 +243,13 @@ def _deepspeed_parameters(module: nn.Module, accelerator, trainable_only: bool, 
     for name, param in module.named_parameters():  # the same order on every process
         if not param.requires_grad and trainable_only:
             continue
+        # Both are new tensors (DeepSpeed assembles the fp32 value in a fresh buffer; the frozen one is
+        # copied before the gathered data is released), so no further copy: the whole model is held once.
         value = safe_get_full_fp32_param(param) if param.requires_grad else None
         if value is None:
             with deepspeed.zero.GatheredParameters([param], enabled=zero3):
-                value = param.detach().to(torch.float32, copy=True)  # a copy: the gathered data is released on leaving
-        full[name] = value.detach().cpu().clone() if keep else None
+                value = param.detach().to(torch.float32, copy=True)
+        full[name] = value.detach().cpu() if keep else None
     return full
 
 
