@@ -93,6 +93,29 @@ def test_sigint_checkpoints_and_resume_is_bitwise_exact(tiny_bert, sentiment_csv
     assert any("resumed from" in note for note in provenance["notes"])
 
 
+@pytest.mark.parametrize("damage", ["missing", "shape"])
+def test_resume_refuses_weights_that_do_not_fit_the_model(tiny_bert, sentiment_csv, tmp_path, monkeypatch, damage):
+    from safetensors.torch import save_file
+
+    from tunesmith.checkpoint import CheckpointError
+
+    _interrupt_at_step(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted):
+        tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "run"), show_progress=False)
+    monkeypatch.undo()
+    weights_file = latest_checkpoint(tmp_path / "run" / "checkpoints").path / "trainable.safetensors"
+    weights = load_file(str(weights_file))
+    name = "classifier.weight"
+    if damage == "missing":
+        del weights[name]
+    else:
+        weights[name] = weights[name][:, :-1].contiguous()
+    save_file(weights, str(weights_file))
+    detail = r"missing \['classifier.weight'\]" if damage == "missing" else "parameter shapes differ"
+    with pytest.raises(CheckpointError, match=rf"weights do not match this model \({detail}"):
+        tunesmith.train(resume=tmp_path / "run", show_progress=False)
+
+
 def test_resume_auto_starts_fresh_then_refuses_finished(tiny_bert, sentiment_csv, tmp_path):
     cfg = _cfg(tiny_bert, sentiment_csv, tmp_path / "run", num_train_epochs=1)
     first = tunesmith.train(cfg, resume="auto", show_progress=False)  # nothing to resume: a new run

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import distributed
@@ -290,11 +291,16 @@ def restore_checkpoint(checkpoint: Checkpoint, *, model: torch.nn.Module, optimi
     state, problem = None, None
     if accelerator.is_main_process or not collective:
         try:
-            state = load_file(str(path / "trainable.safetensors"))
+            # The file's header is enough to check it; the tensors are read only where they are loaded from it
+            # (under DeepSpeed its own checkpoint restores the weights: a ZeRO-3 model is not read whole here).
+            with safe_open(str(path / "trainable.safetensors"), framework="pt") as saved:
+                shapes = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}
             expected = {n: parameter_shape(p) for n, p in distributed.trainable_tensors(model)}
-            if set(state) != set(expected) or any(tuple(state[n].shape) != tuple(expected[n]) for n in expected):
-                missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            if set(shapes) != set(expected) or any(shapes[n] != tuple(expected[n]) for n in expected):
+                missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
                 problem = f"missing {missing[:3]}, unexpected {extra[:3]}" if missing or extra else "parameter shapes differ"
+            elif engine is None:
+                state = load_file(str(path / "trainable.safetensors"))
         except (OSError, RuntimeError) as err:
             problem = str(err)
     if any_process(accelerator, problem is not None) if collective else problem is not None:
