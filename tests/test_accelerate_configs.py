@@ -11,6 +11,7 @@ sharded weights. The GPU configs are checked as far as accelerate's own launch c
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,12 @@ from unittest import mock
 
 import pytest
 import torch
+import yaml
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DistributedType
 
-from test_distributed import assert_matches_single_run, launch_env, single_and_ddp_config
+from test_distributed import assert_matches_single_run, ddp_config, free_port, launch_env, single_and_ddp_config
 from tunesmith import distributed
 from tunesmith.errors import ConfigError
 
@@ -187,6 +189,76 @@ def test_accelerate_launch_fsdp_on_cpu_shards_and_matches_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "accelerate launch (FSDP): FSDP2 over 2 processes" in done.stderr, done.stderr[-3000:]
     assert_matches_single_run(single, tmp_path / "ddp")
+
+
+def _launch_two_machines(config_file: Path, folders: list[Path], extra_env: dict | None = None) -> list:
+    """Two "machines" on localhost, one process each: what ddp_multi_node.yaml starts on each machine,
+    with use_cpu (ddp_cpu.yaml) and the rendezvous at 127.0.0.1. Each runs in its own folder."""
+    port = str(free_port())
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp_cpu.yaml"),
+             "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+             "--main_process_port", port, "-m", "tunesmith.cli", "train", str(config_file), "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**launch_env(), **(extra_env or {})}, cwd=folder)
+        for rank, folder in enumerate(folders)
+    ]
+    return [(process, *process.communicate(timeout=300)) for process in started]
+
+
+def test_two_machines_match_one_process(tmp_path):
+    """Multi-node as configs/accelerate/ddp_multi_node.yaml runs it, with two launchers on this machine:
+    every process has LOCAL_RANK 0, so anything keyed on the local rank (writers, logging, threads) shows."""
+    single, config_file = single_and_ddp_config(tmp_path)
+    for process, _, stderr in _launch_two_machines(config_file, [tmp_path, tmp_path]):
+        assert process.returncode == 0, stderr[-3000:]
+        assert stderr.count("method full: trainable parameters") == 1  # each machine's first process logs
+    assert_matches_single_run(single, tmp_path / "ddp")
+
+
+def test_two_machines_without_a_shared_output_dir_are_refused_before_training(tmp_path):
+    """A relative output.dir started from two folders is what machine-local disks look like: refused at
+    the start (before, the run trained an epoch and failed at its first checkpoint with FileNotFoundError)."""
+    config = yaml.safe_load(ddp_config(tmp_path).read_text())
+    config["output"]["dir"] = "ddp"
+    (tmp_path / "relative.yaml").write_text(yaml.safe_dump(config))
+    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+    for folder in machines:
+        folder.mkdir()
+    done = _launch_two_machines(tmp_path / "relative.yaml", machines, {"TUNESMITH_SHARED_DIR_WAIT": "2"})
+    for process, _, stderr in done:
+        assert process.returncode != 0
+        assert "failed (exitcode: 2)" in stderr, stderr[-3000:]  # tunesmith's handled error, under torchrun
+        (line,) = [line for line in stderr.splitlines() if line.startswith("error: output.dir")]
+        assert f"'{machines[0] / 'ddp'}' is not shared by every process" in line
+        assert f"process 1 on host '{socket.gethostname()}' (looked in '{machines[1] / 'ddp'}') cannot see it" in line
+        assert "eval @ step" not in stderr  # refused before training
+    # Nothing trained, so nothing is left behind: the same command can run again once the path is fixed.
+    assert not (machines[0] / "ddp").exists() and not (machines[1] / "ddp").exists()
+
+
+def test_accelerate_cpu_flag_with_several_processes_is_refused(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (its --cpu launcher leaves the rest to
+    mpirun); it used to train alone with half the global batch, exit code 0."""
+    config_file = ddp_config(tmp_path)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunesmith.cli", "train", str(config_file), "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "error: accelerate launch --cpu asked for several processes or machines" in done.stderr, done.stderr[-3000:]
+    assert "tunesmith train --nproc N" in done.stderr
+    assert not (tmp_path / "ddp").exists()
+
+
+def test_lone_cpu_launch_is_only_the_unnumbered_process():
+    lone = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert distributed.lone_cpu_launch(lone)
+    with pytest.raises(ConfigError, match="started this process alone"):
+        distributed.check_launch_strategy(lone)
+    for numbered in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):  # torchrun, MPI launchers
+        distributed.check_launch_strategy({**lone, numbered: "0"})
+    distributed.check_launch_strategy({**lone, "ACCELERATE_USE_CPU": "False"})  # GPUs: accelerate's own launchers
+    distributed.check_launch_strategy({k: v for k, v in lone.items() if k != "MASTER_ADDR"})  # --cpu, one process
 
 
 def _fsdp2_worker(rank: int, world: int, init_file: str, model_dir: str) -> None:

@@ -36,20 +36,29 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where 2 GPUs are, the
 
 
 def _launch(stage: int, config_file: Path, cwd: Path, mixed_precision: str = "no", **env: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` with the repo's ZeRO config on 2 processes; `env`: extra environment variables."""
+    """`accelerate launch` with the repo's ZeRO config on 2 processes; `env`: extra environment variables.
+
+    No C++ compiler: DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce (used only
+    by DeepSpeed inference), which tunesmith skips (`distributed.skip_deepspeed_shm_op`)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / f"deepspeed_zero{stage}.yaml"),
                "--num_processes", "2", "--mixed_precision", mixed_precision, "-m", "tunesmith.cli", "train", str(config_file),
                "--quiet"]
-    return subprocess.run(command, capture_output=True, text=True, env={**launch_env(), **env}, timeout=300, cwd=cwd)
+    no_compiler = {"CXX": str(cwd / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(cwd / "torch_extensions")}
+    return subprocess.run(command, capture_output=True, text=True, env={**launch_env(), **no_compiler, **env}, timeout=300, cwd=cwd)
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_deepspeed_on_cpu_matches_one_process(tmp_path, stage):
-    single, config_file = single_and_ddp_config(tmp_path)
+    # The best checkpoint is the first evaluation's (the larger loss "wins"), so the saved model is the one
+    # restored from it at the end (one tensor at a time under DeepSpeed), not the last step's weights.
+    single, config_file = single_and_ddp_config(tmp_path, train_options={"metric_for_best_model": "loss", "greater_is_better": True})
+    assert single.metrics["train"]["best_step"] == 6 < single.metrics["train"]["global_step"]
     done = _launch(stage, config_file, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"ZeRO stage {stage} over 2 processes ({DEVICE})" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "torch_extensions").exists()  # nothing was compiled (and no compiler was needed)
     assert_matches_single_run(single, tmp_path / "ddp")
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["train"]["best_step"] == 6
     # Saved under the names a one-process run uses (transformers' ZeRO-3 loader would have them
     # renamed to legacy LayerNorm.gamma/beta), and loadable as a plain model.
     saved = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))

@@ -60,15 +60,31 @@ def assert_matches_single_run(single, ddp_dir: Path) -> None:
     assert ddp_metrics["train"]["global_step"] == single.metrics["train"]["global_step"] == 12
 
 
-def single_and_ddp_config(tmp_path: Path, method: dict | None = None):
-    """The one-process reference run, and the config file for the same run on 2 processes
-    (`method`: the config's method section; full fine-tuning when None)."""
+def _configs(tmp_path: Path, method: dict | None, train_options: dict | None = None):
     model_dir = _no_dropout_bert(tmp_path / "bert")
     train = write_csv(tmp_path / "train.csv", sentiment_rows(64))
-    config = lambda out, per_device: {**run_config(model_dir, train, out, per_device), **({"method": method} if method else {})}  # noqa: E731
-    single = tunesmith.train(config(tmp_path / "single", 8), show_progress=False)
+
+    def config(out: Path, per_device: int) -> dict:
+        found = {**run_config(model_dir, train, out, per_device), **({"method": method} if method else {})}
+        found["train"].update(train_options or {})
+        return found
+
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(yaml.safe_dump(config(tmp_path / "ddp", 4)))
+    return config, config_file
+
+
+def ddp_config(tmp_path: Path) -> Path:
+    """The config file of a 2-process run (batch 4 each, into tmp_path/ddp), without the reference run."""
+    return _configs(tmp_path, None)[1]
+
+
+def single_and_ddp_config(tmp_path: Path, method: dict | None = None, train_options: dict | None = None):
+    """The one-process reference run, and the config file for the same run on 2 processes
+    (`method`: the config's method section, full fine-tuning when None; `train_options`: added to
+    both runs' train section)."""
+    config, config_file = _configs(tmp_path, method, train_options)
+    single = tunesmith.train(config(tmp_path / "single", 8), show_progress=False)
     return single, config_file
 
 
@@ -78,6 +94,8 @@ def test_two_processes_match_one(tmp_path):
                           capture_output=True, text=True, env=launch_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_matches_single_run(single, tmp_path / "ddp")
+    # The main process logs the run; the other only warnings (Trainer's log_level_replica="warning").
+    assert done.stderr.count("method full: trainable parameters") == 1, done.stderr[-3000:]
 
 
 _GROUP = """
@@ -93,14 +111,17 @@ end_process_group(finished=False)  # again: nothing left to close
 """
 
 
-def test_end_process_group_closes_the_group_before_exit():
-    # Left to interpreter exit, gloo's threads could abort the process (SIGABRT, exit -6) after a finished run.
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_end_process_group_closes_the_group_before_exit():
+    # Left to interpreter exit, gloo's threads could abort the process (SIGABRT, exit -6) after a finished run.
     done = subprocess.run([sys.executable, "-c", _GROUP], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PORT": str(port)})
+                          env={**os.environ, "PORT": str(free_port())})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "False"

@@ -30,7 +30,7 @@ from .precision import choose_precision
 from .performance import apply_speed_options, configure_threads, restore_speed_options
 from .lock import RunLock, check_unlocked
 from .resume import check_fingerprint, fingerprint, plan_resume
-from .run import check_run_dir, create_run_dir, model_card, provenance, save_config, write_json
+from .run import check_run_dir, create_run_dir, discard_new_run_dir, model_card, provenance, save_config, write_json
 from .tasks import Task, get_task
 from .training import greater_is_better, run_evaluation, train_loop
 
@@ -165,6 +165,9 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
         # and with gloo, accelerate starts DeepSpeed's process group and DeepSpeed its CPU accelerator.
         from accelerate.utils import InitProcessGroupKwargs
 
+        from .distributed import skip_deepspeed_shm_op
+
+        skip_deepspeed_shm_op()
         cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
     return Accelerator(
         mixed_precision=precision,
@@ -200,6 +203,7 @@ def train(
         cfg.output.overwrite = True
     if not cfg.data.train_file and not cfg.data.dataset_name:
         raise ConfigError("data: no training data; set data.train_file (CSV, TSV, JSON, JSONL, Parquet) or data.dataset_name")
+    distributed.check_launch_strategy()  # the launcher's environment: refused before any data loads
     if cfg.output.dir:
         check_unlocked(Path(cfg.output.dir))  # a live run there: say so, rather than "already holds a run"
     run_dir = check_run_dir(cfg) if checkpoint is None else Path(cfg.output.dir)
@@ -237,8 +241,10 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         # fp16's loss scaler must agree across shards on skipped steps (FSDP's sharded scaler); never run here.
         raise ConfigError("train.fsdp with fp16 is not supported (its loss scaler is not sharding-aware here); "
                           "set train.precision=bf16 (Ampere or newer GPUs) or fp32")
-    # Under DDP the main process tokenizes first and fills the cache; the others then read it.
-    with accelerator.main_process_first():
+    # Under DDP the first process of each machine tokenizes first and fills the cache; the machine's
+    # others then read it (as Trainer's main_process_first(local=True)): one tokenization per machine
+    # whether or not the machines share the cache folder.
+    with accelerator.local_main_process_first():
         encoded = {split: task.encode(cfg.task, table, tokenizer, state) for split, table in tables.items()}
 
     transformers.set_seed(cfg.train.seed)
@@ -251,6 +257,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
     # Only now, with data checked and the model loaded, does the run directory appear (written by
     # the main process once every process has passed the check above).
     accelerator.wait_for_everyone()
+    created = not run_dir.exists()  # before the lock, which makes the folder to hold its file
     if accelerator.is_main_process:
         cleanup.enter_context(RunLock(run_dir))  # first: no other run may write here from now on
         if checkpoint is None:
@@ -258,6 +265,12 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
             create_run_dir(run_dir, cfg.output.overwrite)
             save_config(run_dir, cfg)
     accelerator.wait_for_everyone()
+    try:
+        distributed.check_shared_run_dir(run_dir, accelerator)  # several machines: one run directory for all
+    except ConfigError:
+        if accelerator.is_main_process and checkpoint is None:
+            discard_new_run_dir(run_dir, created)  # nothing ran: leave no half-made run behind
+        raise
 
     metric, bigger = _best_metric(cfg, task, state)
     loss_fn = task.loss_fn(cfg.task, state, encoded["train"])

@@ -29,7 +29,13 @@ out = Console()
 
 def _setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[_rich_handler()])
+    from accelerate.utils import get_cpu_distributed_information
+
+    # Under DDP every process runs the same steps: the first process of each machine logs them, the others
+    # only warnings and errors (as Trainer's log_level_replica="warning" with log_on_each_node).
+    replica = get_cpu_distributed_information().local_rank != 0
+    level = logging.DEBUG if verbose else logging.WARNING if replica else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", handlers=[_rich_handler()])
     # transformers/datasets chatter (weight-loading reports, per-map bars) drowns the run's own log.
     import datasets
     import transformers
@@ -102,8 +108,10 @@ def train(
         _fail(err)
     # This process owns the group (torchrun / accelerate launch): close it before the interpreter exits.
     end_process_group()
-    if os.environ.get("RANK", "0") != "0":
-        return  # under DDP the main process reports
+    from accelerate.utils import get_cpu_distributed_information
+
+    if get_cpu_distributed_information().rank != 0:
+        return  # under DDP the main process reports (RANK, or an MPI launcher's rank)
     _print_metrics("validation (best checkpoint)", result.metrics["validation"])
     if "test" in result.metrics:
         _print_metrics("test", result.metrics["test"])

@@ -8,6 +8,9 @@ the Accelerator is built and turns the cases that would otherwise fail late, han
 something else into one-line errors:
 
 - DeepSpeed without `deepspeed` installed.
+- `accelerate launch --cpu` asked for several processes or machines: its `--cpu` launcher starts
+  one process per machine and leaves the rest to `mpirun` (`--mpirun_hostfile`); without it the
+  process is alone and would silently train with 1/N of the global batch (`lone_cpu_launch`).
 - FSDP version 1: `train` evaluates and saves through the model object it prepared, which FSDP1
   replaces with a wrapper (FSDP2 shards in place).
 
@@ -43,7 +46,11 @@ import copy
 import importlib.util
 import logging
 import os
+import secrets
+import socket
+import time
 from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -65,7 +72,32 @@ def requested_strategy(env: Mapping[str, str] = os.environ) -> str:
     return "ddp"
 
 
+# Where a launcher says which process this is: torchrun/accelerate (RANK) and the MPI launchers accelerate reads.
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def lone_cpu_launch(env: Mapping[str, str] = os.environ) -> bool:
+    """True in a process that `accelerate launch --cpu` started for a multi-process run, alone.
+
+    accelerate's `--cpu` launcher (its "simple" launcher) starts one process per machine, sets
+    `MASTER_ADDR`/`MASTER_PORT` only when more than one process or machine was asked for, and
+    expects `mpirun` (`--mpirun_hostfile`) to start and number the others. Without it no rank
+    variable is set, and `Accelerator()` quietly builds a one-process run."""
+    return (env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env
+            and not any(name in env for name in RANK_VARIABLES))
+
+
 def check_launch_strategy(env: Mapping[str, str] = os.environ) -> None:
+    if lone_cpu_launch(env):
+        raise ConfigError(
+            "accelerate launch --cpu asked for several processes or machines (it set MASTER_ADDR), but started this "
+            "process alone: with --cpu, accelerate starts one process per machine and leaves the others to mpirun "
+            f"(--mpirun_hostfile), and none of {', '.join(RANK_VARIABLES)} is set. Training now would run one "
+            "process with a fraction of the global batch asked for. For N CPU processes use `tunesmith train --nproc N` "
+            "or `accelerate launch --config_file configs/accelerate/ddp_cpu.yaml --num_processes N` (use_cpu: true in "
+            "the file, no --cpu flag; add --num_machines/--machine_rank for several machines); for one process, "
+            "drop --num_processes/--num_machines (or unset MASTER_ADDR)"
+        )
     strategy = requested_strategy(env)
     if strategy == "ddp":
         return
@@ -261,14 +293,37 @@ def _load_deepspeed_parameters(module: nn.Module, state: dict[str, torch.Tensor]
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param
 
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    # Under ZeRO-3 the gathered weights are partitioned again on leaving, from the main process's values.
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0,
-                                           enabled=sharding(module, accelerator) == "zero3"):
-        for name, param in named:
-            param.copy_(state[name])
-    for name, param in named:
-        safe_set_full_fp32_param(param, state[name].to(device=param.device, dtype=torch.float32))
+    zero3 = sharding(module, accelerator) == "zero3"
+    # One parameter at a time, each read from `state` once: with a lazy `state` (`TensorFile`) and
+    # ZeRO-3 a process holds one full tensor at a time, not the whole model.
+    for name, param in module.named_parameters():  # the same order on every process
+        if not param.requires_grad:
+            continue
+        value = state[name]
+        # Under ZeRO-3 the gathered weight is partitioned again on leaving, from the main process's value.
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
+            param.copy_(value)
+        safe_set_full_fp32_param(param, value.to(device=param.device, dtype=torch.float32))
+
+
+class TensorFile:
+    """A safetensors file read one tensor at a time (`file[name]`), for loads that need the values in
+    turn (DeepSpeed): memory-mapped, so processes on one machine share the pages. A context manager."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        self._handle = safe_open(str(path), framework="pt")
+        self._file = self._handle.__enter__()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(name)
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.__exit__(*exc)
 
 
 def collective_weights(model: nn.Module, accelerator=None) -> bool:
@@ -281,7 +336,8 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None
     """Copy full tensors into the (possibly sharded) `trainable_tensors`.
 
     Under FSDP2 only the main process needs `state` (others pass None): its values are scattered
-    to every process. Under DeepSpeed every process passes it. A collective under sharding or
+    to every process. Under DeepSpeed every process passes it (any mapping: `TensorFile` reads it
+    one tensor at a time). A collective under sharding or
     DeepSpeed, like `gather_state`."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -304,6 +360,29 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None
 
 
 DEEPSPEED_TAG = "deepspeed"  # the folder of DeepSpeed's own checkpoint inside a tunesmith checkpoint
+
+
+DEEPSPEED_SHM_OP = "deepspeed_shm_comm"
+
+
+def skip_deepspeed_shm_op() -> bool:
+    """Keep DeepSpeed on CPU from JIT-compiling its shared-memory all-reduce; True if it was skipped.
+
+    DeepSpeed's CPU communication backend builds that C++ op when its process group starts (a C++
+    compiler and ~25 s on first use; without a compiler the run dies with a compiler traceback),
+    but only `inference_all_reduce` (DeepSpeed inference) calls it: ZeRO training reduces and
+    gathers through torch.distributed (gloo) either way. DeepSpeed skips ops marked incompatible in
+    `deepspeed.ops.__compatible_ops__`, a dict it caches in the module for such edits."""
+    try:
+        import deepspeed.ops
+
+        compatible = deepspeed.ops.__compatible_ops__
+    except Exception:  # another DeepSpeed layout: leave it its default
+        return False
+    if not isinstance(compatible, dict):
+        return False
+    compatible[DEEPSPEED_SHM_OP] = False
+    return True
 
 
 def deepspeed_requested(accelerator) -> bool:
@@ -364,6 +443,56 @@ def load_local_optimizer_state(optimizer, state: dict) -> None:
             for name, value in entry.items()
         }
     optimizer.load_state_dict({"state": restored, "param_groups": state["param_groups"]})
+
+
+# How long a process waits for the main process's marker to appear in the run directory: a shared
+# file system (NFS) may cache "no such file" for a while (attribute caching, up to ~60 s by default).
+SHARED_DIR_WAIT_VARIABLE = "TUNESMITH_SHARED_DIR_WAIT"
+SHARED_DIR_WAIT_S = 60.0
+
+
+def check_shared_run_dir(run_dir: Path, accelerator) -> None:
+    """Refuse, on every process, a run directory that some process cannot see.
+
+    Every process writes its part of each checkpoint (RNG state, optimizer shards) into the run
+    directory and reads the best checkpoint back at the end, so a run over several machines needs
+    `output.dir` on a file system they all mount at the same path. Without this check a run on
+    machine-local disks (or with a relative `output.dir` started from different folders) trains
+    until its first checkpoint and fails there. The main process writes a marker with a random
+    name into the run directory it just created; every other process waits for it to appear."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    main = accelerator.is_main_process
+    token = [(secrets.token_hex(8), str(Path(run_dir).resolve()), socket.gethostname()) if main else None]
+    broadcast_object_list(token)
+    name, main_path, main_host = token[0]
+    marker = Path(run_dir) / f".shared-check-{name}"
+    if main:
+        marker.write_text("written by the main process to check that every process sees this folder\n", encoding="utf-8")
+    accelerator.wait_for_everyone()
+    try:
+        wait = float(os.environ.get(SHARED_DIR_WAIT_VARIABLE, SHARED_DIR_WAIT_S))
+    except ValueError:
+        wait = SHARED_DIR_WAIT_S
+    deadline = time.monotonic() + wait
+    while not (seen := marker.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    views = gather_object([(accelerator.process_index, socket.gethostname(), str(Path(run_dir).resolve()), seen)])
+    if main:
+        marker.unlink(missing_ok=True)
+    blind = [view for view in views if not view[3]]
+    if not blind:
+        return
+    shown = "; ".join(f"process {rank} on host '{host}' (looked in '{path}')" for rank, host, path, _ in blind[:4])
+    shown += f"; and {len(blind) - 4} more" if len(blind) > 4 else ""
+    raise ConfigError(
+        f"output.dir: '{main_path}' is not shared by every process of this run: the main process (host '{main_host}') "
+        f"created it, but {shown} cannot see it. Every process writes its part of each checkpoint there and reads "
+        "the best one back at the end: put output.dir on a file system every machine mounts at the same path (NFS, "
+        "Lustre, a cloud file share; an absolute path), or train on one machine"
+    )
 
 
 def full_value(tensor):

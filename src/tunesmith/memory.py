@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import get_cpu_distributed_information
 from torch import nn
 
 from .errors import ResourceError
@@ -285,7 +286,8 @@ def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device:
     # (plus one gathered layer at a time, inside the workspace). On CPU the weights are counted as loaded.
     # DeepSpeed ZeRO stage 1 partitions the AdamW state over the processes, stage 2 the gradients too, stage 3
     # the weights as well.
-    processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    launch = get_cpu_distributed_information()  # torchrun/accelerate (WORLD_SIZE) or MPI (PMI_SIZE, ...)
+    processes = max(1, launch.world_size)
     fsdp = bool(getattr(cfg.train, "fsdp", False))
     zero = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0) if requested_strategy() == "deepspeed" else 0
     split = lambda n, stage: n // processes if fsdp or zero >= stage else n  # noqa: E731
@@ -303,7 +305,7 @@ def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device:
     found = estimate(batch)
     available, what = available_memory(device)
     if device == "cpu":  # processes launched together on one machine (DDP on CPU) share its RAM
-        available //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        available //= max(1, launch.local_world_size)
     share = found.needed / max(available, 1)
     summary = (
         f"estimated peak training memory {_gib(found.needed)}"

@@ -135,6 +135,20 @@ def create_run_dir(run_dir: Path, overwrite: bool) -> Path:
     return run_dir
 
 
+def discard_new_run_dir(run_dir: Path, created: bool) -> None:
+    """Undo `create_run_dir` + `save_config` for a run refused before it trained: remove what they
+    wrote (and the folder, if they made it), so the same command can simply be run again. The run
+    lock's file goes too: this process still holds its flock until the run ends, and releasing it
+    only closes the descriptor when the file is gone."""
+    for name in (RUN_MARKER, "config.yaml", LOCK_NAME):
+        (run_dir / name).unlink(missing_ok=True)
+    if created:
+        try:
+            run_dir.rmdir()
+        except OSError:  # the user's own files are in it: leave them
+            pass
+
+
 def _replace_text(path: Path, text: str) -> None:
     """Write a text file atomically: a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -153,16 +153,22 @@ def save_best(model: nn.Module, path: Path, accelerator: Accelerator) -> None:
 
 def restore_best(model: nn.Module, path: Path, accelerator: Accelerator) -> None:
     """Every process calls it. Under FSDP2 the main process reads the file and scatters the weights;
-    otherwise each process reads it. Under sharding or DeepSpeed the main process decides whether
-    there is one (loading is a collective then)."""
+    under DeepSpeed each process reads it one tensor at a time; otherwise each process reads it.
+    Under sharding or DeepSpeed the main process decides whether there is one (loading is a
+    collective then)."""
     if not distributed.collective_weights(model, accelerator):
         if path.exists():
             distributed.load_trainable_state(model, load_file(str(path)), accelerator)
         return
-    if any_process(accelerator, accelerator.is_main_process and path.exists()):
-        everyone = distributed.sharding(model, accelerator) != "fsdp2"
-        state = load_file(str(path)) if accelerator.is_main_process or everyone else None
-        distributed.load_trainable_state(model, state, accelerator)
+    if not any_process(accelerator, accelerator.is_main_process and path.exists()):
+        return
+    if distributed.deepspeed_engine(accelerator) is not None:  # every process reads, one tensor at a time
+        with distributed.TensorFile(path) as state:
+            distributed.load_trainable_state(model, state, accelerator)
+        return
+    everyone = distributed.sharding(model, accelerator) != "fsdp2"
+    state = load_file(str(path)) if accelerator.is_main_process or everyone else None
+    distributed.load_trainable_state(model, state, accelerator)
 
 
 def make_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
