@@ -14,6 +14,9 @@ something else into one-line errors:
 - FSDP version 1: `train` evaluates and saves through the model object it prepared, which FSDP1
   replaces with a wrapper (FSDP2 shards in place).
 
+Once the run directory exists, `check_shared_run_dir` refuses a run whose processes do not all see
+it (machines without a shared `output.dir`), before training rather than at the first checkpoint.
+
 DeepSpeed (ZeRO-2 and ZeRO-3, `configs/accelerate/deepspeed_zero{2,3}.yaml`) runs through
 accelerate, on GPUs and on CPU: accelerate enables it only `if ... and not cpu` (with `cpu=True`
 it silently runs plain DDP), so on CPU `api.make_accelerator` builds the Accelerator without
@@ -337,8 +340,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None
 
     Under FSDP2 only the main process needs `state` (others pass None): its values are scattered
     to every process. Under DeepSpeed every process passes it (any mapping: `TensorFile` reads it
-    one tensor at a time). A collective under sharding or
-    DeepSpeed, like `gather_state`."""
+    one tensor at a time). A collective under sharding or DeepSpeed, like `gather_state`."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     kind = sharding(model, accelerator)
