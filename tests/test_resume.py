@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -316,16 +317,22 @@ def test_sigterm_writes_checkpoint_and_exits_with_resume_hint(tiny_bert, sentime
 
 SITECUSTOMIZE = textwrap.dedent(
     """
-    # Loaded by every process of the run (torchrun workers too): SIGTERM to itself at a given step.
+    # Loaded by every process of the run (torchrun workers too): a signal to itself at a given step
+    # (SIGNAL_AT_STEP; SIGNAL, default SIGTERM), in every process or only in process KILL_RANK of
+    # torchrun's first attempt (KILL_RANK set: a worker dying, which torchrun --max-restarts restarts).
     import os, signal
     STEP = int(os.environ.get("SIGNAL_AT_STEP", "0"))
+    RANK = os.environ.get("KILL_RANK")
+    if RANK is not None and (os.environ.get("RANK") != RANK or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
+        STEP = 0
     if STEP:
         import torch
+        SIGNAL = getattr(signal, os.environ.get("SIGNAL", "SIGTERM"))
         _step, _calls = torch.optim.AdamW.step, [0]
         def step_then_signal(self, *args, **kwargs):
             _calls[0] += 1
             if _calls[0] == STEP:
-                signal.raise_signal(signal.SIGTERM)
+                signal.raise_signal(SIGNAL)
             return _step(self, *args, **kwargs)
         torch.optim.AdamW.step = step_then_signal
     """
@@ -353,6 +360,38 @@ def two_process_trainer(tmp_path: Path, accelerate_config: Path | None = None) -
                               cwd=tmp_path)
 
     return run
+
+
+def test_a_killed_worker_is_restarted_and_the_run_continues_exactly(tiny_bert, sentiment_csv, tmp_path):
+    """Fault tolerance: `tunesmith train CONFIG --nproc 2 --max-restarts 1` (torchrun --max-restarts 1,
+    each attempt `--resume auto`). Process 1 is SIGKILLed in step 9 of the first attempt (checkpoints
+    every 2 steps); torchrun stops process 0 and starts both again, and the second attempt continues
+    from the latest checkpoint: the run ends bitwise equal to an uninterrupted one. Fails without
+    `distributed.init_restarted_process_group` (the restart hangs or fails in gloo's connectFullMesh)."""
+    run = two_process_trainer(tmp_path)
+    cfg = _cfg(tiny_bert, sentiment_csv, tmp_path / "ref", num_train_epochs=2, per_device_train_batch_size=4)
+    reference = run([str(_write_cfg(tmp_path, "ref", cfg))])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    cfg["output"]["dir"] = str(tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hooks"), str(SRC)]), "OMP_NUM_THREADS": "1",
+           "SIGNAL_AT_STEP": "9", "SIGNAL": "SIGKILL", "KILL_RANK": "1"}
+    command = [sys.executable, "-m", "tunesmith.cli", "train", str(_write_cfg(tmp_path, "run", cfg)), "--nproc", "2",
+               "--max-restarts", "1", "-q"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exitcode: -9" in done.stderr  # the first attempt's process 1, as torchrun reports it
+    assert "torchrun restart 1: process group started under its own store prefix" in done.stderr
+    # Continued, not started over (which would end equal too): from the last checkpoint before step 9.
+    unwrapped = "".join(line.strip() for line in done.stderr.splitlines())  # rich wraps long paths anywhere
+    assert re.search(r"resuming from\S*step-000008 \(step 8,", unwrapped), done.stderr[-3000:]
+    _assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_max_restarts_refuses_overwrite(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(tmp_path / "any.yaml"), "--nproc", "2",
+                           "--max-restarts", "1", "--overwrite"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--overwrite with --max-restarts would replace the run" in done.stdout + done.stderr
 
 
 def test_ddp_sigterm_and_resume_matches_uninterrupted(tiny_bert, sentiment_csv, tmp_path):

@@ -159,6 +159,9 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
     # must not see the request (it would select FSDP on GPUs only, and on CPU silently build DDP).
     take_over_launcher_fsdp()
     cpu = not torch.cuda.is_available()
+    from .distributed import init_restarted_process_group
+
+    init_restarted_process_group("gloo" if cpu else "nccl")  # torchrun --max-restarts: no stale store keys
     handlers = []
     if cpu and requested_strategy() == "deepspeed":
         # accelerate turns DeepSpeed off under cpu=True (it would run plain DDP, silently); without it

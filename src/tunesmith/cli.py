@@ -82,6 +82,7 @@ def train(
     overrides: Overrides = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes on this machine (DDP; gloo on CPU).")] = 1,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="Restart the processes up to N times when one fails (torchrun --max-restarts), each time continuing from the latest checkpoint (--resume auto).")] = 0,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue RUN_DIR from its latest checkpoint, or `auto`: the config's output.dir if it has one.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickled .bin weights (they can run code); same as model.allow_pickle=true.")] = False,
@@ -93,9 +94,15 @@ def train(
         _fail(ConfigError(f"'{config}' is a directory, expected a YAML config file; to continue a run directory use: "
                           f"tunesmith train --resume {config}"))
     overrides = [*(overrides or []), *(["model.allow_pickle=true"] if allow_pickle else [])]
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if (nproc > 1 or max_restarts > 0) and "WORLD_SIZE" not in os.environ:
+        if max_restarts and overwrite:
+            from .errors import ConfigError
+
+            _fail(ConfigError("--overwrite with --max-restarts would replace the run, checkpoints included, on every "
+                              "restart; remove the old run directory first (or choose another output.dir) and drop --overwrite"))
+        resume = resume or ("auto" if max_restarts else None)  # a restart continues from the latest checkpoint
         flags = (["--quiet"] if quiet else []) + (["--resume", resume] if resume else []) + (["--overwrite"] if overwrite else [])
-        raise typer.Exit(_launch_distributed(nproc, config, overrides or [], flags))
+        raise typer.Exit(_launch_distributed(nproc, config, overrides or [], flags, max_restarts))
     _setup_logging()
     from . import api
 
@@ -118,12 +125,12 @@ def train(
     out.print(f"run directory: {result.run_dir}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _launch_distributed(nproc: int, config: Path | None, overrides: list[str], flags: list[str]) -> int:
+def _launch_distributed(nproc: int, config: Path | None, overrides: list[str], flags: list[str], max_restarts: int = 0) -> int:
     """Re-run this command under torchrun: N processes, each `tunesmith train` with DDP via accelerate."""
     import subprocess
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "tunesmith.cli", "train", *([str(config)] if config else []), *overrides, *flags]
+               *([f"--max-restarts={max_restarts}"] if max_restarts else []), "-m", "tunesmith.cli", "train", *([str(config)] if config else []), *overrides, *flags]
     console.print(f"launching {nproc} processes: {' '.join(command[1:])}", highlight=False, markup=False)
     import psutil
 

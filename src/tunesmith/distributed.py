@@ -117,6 +117,30 @@ def check_launch_strategy(env: Mapping[str, str] = os.environ) -> None:
                           "configs/accelerate/ddp_multi_gpu.yaml (" + CPU_FIX + ")")
 
 
+def init_restarted_process_group(backend: str, env: Mapping[str, str] = os.environ) -> bool:
+    """Under `torchrun --max-restarts`, start a restarted attempt's process group in a store
+    namespace of its own; True if it did (accelerate then uses that group).
+
+    torchrun's workers share its agent's TCPStore (`TORCHELASTIC_USE_AGENT_STORE`), and torch 2.13
+    keeps that store across restarts (its `_create_c10d_store` says a new one is made for every retry),
+    so the keys a process group registers its processes' addresses under (`default_pg/0//cpu//0/<rank>`
+    for gloo) still hold the dead attempt's values when the next attempt starts. A process that reads
+    its peer's old address before the peer has written the new one connects to a dead port: the
+    restart hung in gloo's `connectFullMesh` or failed after its timeout (2 of 3 restarts of a
+    2-process run here; a plain torch script reproduces it). Keys under a per-attempt prefix are
+    never stale. The first attempt keeps accelerate's own initialisation."""
+    import torch.distributed as dist
+
+    restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart in ("", "0") or not dist.is_available() or dist.is_initialized():
+        return False
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"tunesmith/restart-{restart}", store),
+                            rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
+    log.info("torchrun restart %s: process group started under its own store prefix", restart)
+    return True
+
+
 LAUNCHER_FSDP_PREFIXES = ("FSDP_",)
 
 

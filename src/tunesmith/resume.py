@@ -84,7 +84,8 @@ def plan_resume(config, overrides: list[str] | None, resume: str | os.PathLike) 
             raise ConfigError("--resume auto: pass the run's config too (tunesmith train CONFIG --resume auto)")
         cfg = coerce_config(config, overrides)
         if not cfg.output.dir:
-            raise ConfigError("--resume auto needs output.dir in the config: it is where the checkpoint is looked for")
+            raise ConfigError("--resume auto (which --max-restarts uses) needs output.dir in the config: it is where the "
+                              "checkpoint is looked for")
         run_dir = Path(cfg.output.dir)
         checkpoint = latest_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
