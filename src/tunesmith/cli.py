@@ -131,7 +131,7 @@ def _launch_distributed(nproc: int, config: Path | None, overrides: list[str], f
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *([f"--max-restarts={max_restarts}"] if max_restarts else []), "-m", "tunesmith.cli", "train", *([str(config)] if config else []), *overrides, *flags]
-    console.print(f"launching {nproc} processes: {' '.join(command[1:])}", highlight=False, markup=False)
+    console.print(f"launching {nproc} process{'es' if nproc > 1 else ''}: {' '.join(command[1:])}", highlight=False, markup=False)
     import psutil
 
     # torchrun gives every process OMP_NUM_THREADS=1 when it is unset; give each its share of the cores instead.
