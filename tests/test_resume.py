@@ -342,7 +342,8 @@ SITECUSTOMIZE = textwrap.dedent(
 def two_process_trainer(tmp_path: Path, accelerate_config: Path | None = None) -> Callable[..., subprocess.CompletedProcess]:
     """`run(args, signal_at=0)`: `tunesmith train ARGS --nproc 2` (or, with `accelerate_config`,
     `accelerate launch --config_file CONFIG --num_processes 2 --mixed_precision no -m tunesmith.cli train ARGS`),
-    each process sending itself SIGTERM in its `signal_at`-th optimizer step (0: never), via a sitecustomize hook."""
+    each process sending itself SIGTERM in its `signal_at`-th optimizer step (0: never), via a sitecustomize hook
+    (`hook`: its other settings, SIGNAL and KILL_RANK)."""
     hooks = tmp_path / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -353,9 +354,9 @@ def two_process_trainer(tmp_path: Path, accelerate_config: Path | None = None) -
                   "--num_processes", "2", "--mixed_precision", "no", "-m", "tunesmith.cli", "train"]
         processes = []
 
-    def run(args: list[str], signal_at: int = 0) -> subprocess.CompletedProcess:
+    def run(args: list[str], signal_at: int = 0, **hook: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(SRC)]), "OMP_NUM_THREADS": "1",
-               "SIGNAL_AT_STEP": str(signal_at)}
+               "SIGNAL_AT_STEP": str(signal_at), **hook}
         return subprocess.run([*launch, *args, *processes, "-q"], env=env, capture_output=True, text=True, timeout=600,
                               cwd=tmp_path)
 
@@ -374,11 +375,7 @@ def test_a_killed_worker_is_restarted_and_the_run_continues_exactly(tiny_bert, s
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     cfg["output"]["dir"] = str(tmp_path / "run")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hooks"), str(SRC)]), "OMP_NUM_THREADS": "1",
-           "SIGNAL_AT_STEP": "9", "SIGNAL": "SIGKILL", "KILL_RANK": "1"}
-    command = [sys.executable, "-m", "tunesmith.cli", "train", str(_write_cfg(tmp_path, "run", cfg)), "--nproc", "2",
-               "--max-restarts", "1", "-q"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = run([str(_write_cfg(tmp_path, "run", cfg)), "--max-restarts", "1"], signal_at=9, SIGNAL="SIGKILL", KILL_RANK="1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "exitcode: -9" in done.stderr  # the first attempt's process 1, as torchrun reports it
     assert "torchrun restart 1: process group started under its own store prefix" in done.stderr

@@ -152,25 +152,19 @@ def make_accelerator(precision: str, gradient_accumulation_steps: int = 1):
 
     from accelerate.utils import DataLoaderConfiguration
 
-    from .distributed import check_launch_strategy, requested_strategy, take_over_launcher_fsdp
-
-    check_launch_strategy()  # FSDP/DeepSpeed from `accelerate launch`: fail early, clearly
+    distributed.check_launch_strategy()  # FSDP/DeepSpeed from `accelerate launch`: fail early, clearly
     # FSDP2 from `accelerate launch`: tunesmith shards the model itself (see `distributed`); accelerate
     # must not see the request (it would select FSDP on GPUs only, and on CPU silently build DDP).
-    take_over_launcher_fsdp()
+    distributed.take_over_launcher_fsdp()
     cpu = not torch.cuda.is_available()
-    from .distributed import init_restarted_process_group
-
-    init_restarted_process_group("gloo" if cpu else "nccl")  # torchrun --max-restarts: no stale store keys
+    distributed.init_restarted_process_group("gloo" if cpu else "nccl")  # torchrun --max-restarts: no stale store keys
     handlers = []
-    if cpu and requested_strategy() == "deepspeed":
+    if cpu and distributed.requested_strategy() == "deepspeed":
         # accelerate turns DeepSpeed off under cpu=True (it would run plain DDP, silently); without it
         # and with gloo, accelerate starts DeepSpeed's process group and DeepSpeed its CPU accelerator.
         from accelerate.utils import InitProcessGroupKwargs
 
-        from .distributed import skip_deepspeed_shm_op
-
-        skip_deepspeed_shm_op()
+        distributed.skip_deepspeed_shm_op()
         cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
     return Accelerator(
         mixed_precision=precision,

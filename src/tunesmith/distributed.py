@@ -386,13 +386,11 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor] | None
 
 
 DEEPSPEED_TAG = "deepspeed"  # the folder of DeepSpeed's own checkpoint inside a tunesmith checkpoint
-
-
 DEEPSPEED_SHM_OP = "deepspeed_shm_comm"
 
 
-def skip_deepspeed_shm_op() -> bool:
-    """Keep DeepSpeed on CPU from JIT-compiling its shared-memory all-reduce; True if it was skipped.
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed on CPU from JIT-compiling its shared-memory all-reduce.
 
     DeepSpeed's CPU communication backend builds that C++ op when its process group starts (a C++
     compiler and ~25 s on first use; without a compiler the run dies with a compiler traceback),
@@ -404,11 +402,9 @@ def skip_deepspeed_shm_op() -> bool:
 
         compatible = deepspeed.ops.__compatible_ops__
     except Exception:  # another DeepSpeed layout: leave it its default
-        return False
-    if not isinstance(compatible, dict):
-        return False
-    compatible[DEEPSPEED_SHM_OP] = False
-    return True
+        return
+    if isinstance(compatible, dict):
+        compatible[DEEPSPEED_SHM_OP] = False
 
 
 def deepspeed_requested(accelerator) -> bool:
@@ -439,7 +435,6 @@ def load_deepspeed_state(engine, folder) -> None:
                                      load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in '{folder}/{DEEPSPEED_TAG}'")
-
 
 
 def local_optimizer_state(optimizer) -> dict:
@@ -491,10 +486,9 @@ def check_shared_run_dir(run_dir: Path, accelerator) -> None:
     from accelerate.utils import broadcast_object_list, gather_object
 
     main = accelerator.is_main_process
-    token = [(secrets.token_hex(8), str(Path(run_dir).resolve()), socket.gethostname()) if main else None]
-    broadcast_object_list(token)
-    name, main_path, main_host = token[0]
-    marker = Path(run_dir) / f".shared-check-{name}"
+    name = [secrets.token_hex(8) if main else None]
+    broadcast_object_list(name)
+    marker = Path(run_dir) / f".shared-check-{name[0]}"
     if main:
         marker.write_text("written by the main process to check that every process sees this folder\n", encoding="utf-8")
     accelerator.wait_for_everyone()
@@ -511,6 +505,7 @@ def check_shared_run_dir(run_dir: Path, accelerator) -> None:
     blind = [view for view in views if not view[3]]
     if not blind:
         return
+    _, main_host, main_path, _ = next(view for view in views if view[0] == 0)
     shown = "; ".join(f"process {rank} on host '{host}' (looked in '{path}')" for rank, host, path, _ in blind[:4])
     shown += f"; and {len(blind) - 4} more" if len(blind) > 4 else ""
     raise ConfigError(

@@ -45,12 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import get_cpu_distributed_information
 from torch import nn
 
 from .errors import ResourceError
 from .distributed import requested_strategy
 from .methods import parameter_numel, transformers_model
+from .performance import local_processes
 
 log = logging.getLogger("tunesmith")
 
@@ -286,8 +286,9 @@ def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device:
     # (plus one gathered layer at a time, inside the workspace). On CPU the weights are counted as loaded.
     # DeepSpeed ZeRO stage 1 partitions the AdamW state over the processes, stage 2 the gradients too, stage 3
     # the weights as well.
-    launch = get_cpu_distributed_information()  # torchrun/accelerate (WORLD_SIZE) or MPI (PMI_SIZE, ...)
-    processes = max(1, launch.world_size)
+    from accelerate.utils import get_cpu_distributed_information
+
+    processes = max(1, get_cpu_distributed_information().world_size)  # torchrun/accelerate (WORLD_SIZE) or MPI (PMI_SIZE, ...)
     fsdp = bool(getattr(cfg.train, "fsdp", False))
     zero = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0) if requested_strategy() == "deepspeed" else 0
     split = lambda n, stage: n // processes if fsdp or zero >= stage else n  # noqa: E731
@@ -305,7 +306,7 @@ def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device:
     found = estimate(batch)
     available, what = available_memory(device)
     if device == "cpu":  # processes launched together on one machine (DDP on CPU) share its RAM
-        available //= max(1, launch.local_world_size)
+        available //= local_processes()
     share = found.needed / max(available, 1)
     summary = (
         f"estimated peak training memory {_gib(found.needed)}"
