@@ -3,7 +3,7 @@
 Bundled MiniLM, 3 optimizer steps on texts that fill `max_length`, evaluation batch 64, one
 subprocess per setting: `tunesmith.train` runs with the preflight's `estimate_training_memory` wrapped to
 record the RSS when the check runs and its estimate (`MemoryEstimate.training`); "measured" is the growth of peak RSS
-(`ru_maxrss`) over that RSS. Prints the table of RELIABILITY.md and writes JSON.
+(`ru_maxrss`) over that RSS. Prints the table of docs/reliability.md and writes JSON.
 
     python benchmarks/memory.py                 # the nine settings, about 5 minutes on 2 cores
 """

@@ -131,7 +131,7 @@ def test_train_eval_predict(tmp_path, tiny_bert):
     assert result.exit_code == 2 and "missing column 'text'" in result.output and "columns found: review;" in result.output
     assert "rename the text column to 'text'" in result.output
     result = invoke("predict", str(tmp_path), "--text", "x")
-    assert result.exit_code == 2 and "is not a finished tunesmith run" in result.output
+    assert result.exit_code == 2 and "is not a tunesmith run directory (no config.yaml)" in result.output
     result = invoke("predict", str(run_dir), input="\n\n")
     assert result.exit_code == 2 and "no input texts" in result.output
     (tmp_path / "latin.txt").write_bytes("un film très bon\n".encode("latin-1"))
@@ -158,6 +158,10 @@ def test_config_init_validate_show(tmp_path):
     assert result.exit_code == 2 and "exists; pass --force" in result.output
     assert invoke("config", "init", str(path), "--force").exit_code == 0
 
+    # The starter names train.csv, which is not there yet: validate says so instead of "ok" (then train failing).
+    result = invoke("config", "validate", str(path))
+    assert result.exit_code == 2 and "data.train_file: file 'train.csv' not found" in result.output
+    write_csv(tmp_path / "train.csv", sentiment_rows(4))
     result = invoke("config", "validate", str(path))
     assert result.exit_code == 0 and "is valid" in result.output
 

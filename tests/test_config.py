@@ -120,7 +120,10 @@ def test_yaml_errors_and_shapes(tmp_path):
         load_config(write(tmp_path, "train:\n  learning_rate: [1\n"))
     with pytest.raises(ConfigError, match="expected a mapping of sections .* found str"):
         load_config(write(tmp_path, "just a string\n"))
-    assert load_config(write(tmp_path, "")) == RunConfig()  # an empty file: the defaults
+    # An empty file is a mistake (the wrong file, or emptied); `{}` says "all defaults" on purpose.
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: is empty; expected sections model, data, task"):
+        load_config(write(tmp_path, ""))
+    assert load_config(write(tmp_path, "{}\n")) == RunConfig()
 
 
 # --------------------------------------------------------------------------- shorthands
@@ -201,6 +204,32 @@ def test_relative_data_paths_resolve_against_the_config_file(tmp_path, monkeypat
     path = write(tmp_path, "data:\n  train_file: data/train.csv\n")
     monkeypatch.chdir(Path(__file__).parent)
     assert load_config(path).data.train_file == str(tmp_path / "data" / "train.csv")
+
+
+@pytest.mark.parametrize("train, warmup", [({"warmup_steps": 3}, 3), ({"warmup_ratio": 0.1}, 2), ({}, 0)])
+def test_warmup_reaches_the_scheduler(monkeypatch, tmp_path, train, warmup):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from tunesmith import training
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def scheduler(name, optimizer, num_warmup_steps, num_training_steps):
+        seen.update(warmup=num_warmup_steps, total=num_training_steps)
+        raise Stop  # the schedule is all this test is about
+
+    monkeypatch.setattr(training, "get_scheduler", scheduler)
+    with pytest.raises(Stop):
+        training.train_loop(
+            model=torch.nn.Linear(2, 2), task=None, state={}, train_cfg=parse_config({"train": {"max_steps": 20, **train}}).train,
+            train_loader=DataLoader(list(range(10))), eval_loader=None, loss_fn=None, accelerator=None, run_dir=tmp_path,
+            metric="loss", bigger_better=False,
+        )
+    assert seen == {"warmup": warmup, "total": 20}
 
 
 # --------------------------------------------------------------------------- shipped configs and docs

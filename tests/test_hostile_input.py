@@ -170,8 +170,8 @@ def test_overwrite_never_empties_cwd_home_or_root(where, tmp_path, monkeypatch, 
     assert (work / "train.csv").exists()
 
 
-def test_overwrite_replaces_runs_and_removes_symlinks_without_following_them(tmp_path):
-    from tunesmith.run import RUN_MARKER, create_run_dir, is_run_dir
+def test_overwrite_sets_runs_aside_and_never_follows_symlinks(tmp_path):
+    from tunesmith.run import REPLACED, RUN_MARKER, create_run_dir, drop_previous_run, is_run_dir, put_back_previous_run
 
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -179,15 +179,23 @@ def test_overwrite_replaces_runs_and_removes_symlinks_without_following_them(tmp
     marked = tmp_path / "marked"
     (marked / "model").mkdir(parents=True)
     (marked / RUN_MARKER).write_text("")
-    (marked / "shortcut").symlink_to(precious, target_is_directory=True)
+    (marked / "shortcut").symlink_to(precious, target_is_directory=True)  # the user's: kept in place
     legacy = tmp_path / "legacy"  # written before the marker existed
     (legacy / "checkpoints").mkdir(parents=True)
     (legacy / "config.yaml").write_text("{}")
     assert is_run_dir(marked) and is_run_dir(legacy) and not is_run_dir(precious)
 
-    for run in (marked, legacy):
-        create_run_dir(run, overwrite=True)
-        assert sorted(p.name for p in run.iterdir()) == [RUN_MARKER]
+    create_run_dir(marked, overwrite=True)
+    assert sorted(p.name for p in marked.iterdir()) == [REPLACED, RUN_MARKER, "shortcut"]
+    assert sorted(p.name for p in (marked / REPLACED).iterdir()) == [RUN_MARKER, "model"]
+    (marked / "model").mkdir()  # the new run's files ...
+    assert put_back_previous_run(marked)  # ... go when it fails; the previous run comes back
+    assert sorted(p.name for p in marked.iterdir()) == [RUN_MARKER, "model", "shortcut"]
+    assert (marked / "shortcut").is_symlink()
+
+    create_run_dir(legacy, overwrite=True)
+    drop_previous_run(legacy)  # the new run saved: the previous one goes
+    assert sorted(p.name for p in legacy.iterdir()) == [RUN_MARKER]
     assert (precious / "data.csv").read_text() == "keep me"
 
 

@@ -379,7 +379,8 @@ def test_existing_run_dir_is_refused_without_overwrite(tmp_path, sentiment_csv, 
     with pytest.raises(ConfigError) as caught:
         tunesmith.train(cfg, show_progress=False)
     message = caught.value.problems[0]
-    assert f"output.dir: '{run_dir}' already holds a run" in message and "output.overwrite=true" in message
+    assert f"output.dir: '{run_dir}' already holds a run; it stopped before its first checkpoint" in message
+    assert f"start it over with `tunesmith train {run_dir / 'config.yaml'} --overwrite`" in message
     assert (run_dir / "keep.txt").read_text() == "earlier run"
 
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -495,8 +496,8 @@ def test_warnings_reach_run_result_and_overwrite_replaces_run(tmp_path, tiny_ber
     assert "class imbalance" in text
     assert "2 validation texts also occur in train" in text
     assert "3 of 24 train texts (12.5%)" in text
-    assert not (run_dir / "stale.txt").exists()
-    assert (run_dir / "model" / "config.json").exists()
+    assert (run_dir / "stale.txt").read_text() == "old"  # not tunesmith's: kept (and logged)
+    assert (run_dir / "model" / "config.json").exists() and not (run_dir / ".replaced-run").exists()
     provenance = json.loads((run_dir / "provenance.json").read_text())
     assert provenance["warnings"] == result.warnings
     assert pd.read_csv(train).shape[0] == 24

@@ -22,7 +22,7 @@ from .data.batching import eval_loader, train_loader
 from .data.splits import data_file_paths, make_splits
 from . import distributed
 from .embedding_rows import dataset_token_ids, train_seen_rows_only
-from .errors import ConfigError
+from .errors import ConfigError, TunesmithError
 from .first_token import first_token_only
 from .memory import check_memory
 from .methods import apply_method, count_parameters, is_peft
@@ -30,11 +30,16 @@ from .precision import choose_precision
 from .performance import apply_speed_options, configure_threads, restore_speed_options
 from .lock import RunLock, check_unlocked
 from .resume import check_fingerprint, fingerprint, plan_resume
-from .run import check_run_dir, create_run_dir, discard_new_run_dir, model_card, provenance, save_config, write_json
+from .interrupt import StopSignals, TrainingInterrupted
+from .run import (
+    check_run_dir, create_run_dir, discard_new_run_dir, drop_previous_run, model_card, provenance, put_back_previous_run,
+    restore_replaced_run, run_state, save_config, write_json,
+)
 from .tasks import Task, get_task
 from .training import greater_is_better, run_evaluation, train_loop
 
 log = logging.getLogger("tunesmith")
+distributed.import_deepspeed_only_when_used()
 
 
 @dataclass
@@ -204,11 +209,66 @@ def train(
     if cfg.output.dir:
         check_unlocked(Path(cfg.output.dir))  # a live run there: say so, rather than "already holds a run"
     run_dir = check_run_dir(cfg) if checkpoint is None else Path(cfg.output.dir)
-    with contextlib.ExitStack() as cleanup:  # releases the run-directory lock however the run ends
-        return _train(cfg, run_dir, checkpoint, cleanup, show_progress)
+    new_run = _NewRun(run_dir)
+    try:
+        with contextlib.ExitStack() as cleanup:  # releases the run-directory lock however the run ends
+            return _train(cfg, run_dir, checkpoint, cleanup, show_progress, new_run)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: stopped at once
+        import signal
+
+        raise TrainingInterrupted(new_run.stopped_at_once(resuming=checkpoint is not None), signal.SIGINT) from None
 
 
-def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitStack, show_progress: bool) -> RunResult:
+class _NewRun:
+    """What this `train` call did to output.dir (main process), so that a run that fails or is stopped
+    undoes exactly that: an `--overwrite` puts the previous run back; a new run stopped before its first
+    checkpoint leaves no half-made folder behind. Entered as the last cleanup, after the run lock."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.started = self.created = self.saved = False
+        self.outcome: str | None = None  # "put_back" | "removed"
+
+    def begin(self, created: bool) -> "_NewRun":
+        self.started, self.created = True, created
+        return self
+
+    def __enter__(self) -> "_NewRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None or self.saved or not self.started:
+            return False
+        if put_back_previous_run(self.run_dir):
+            self.outcome = "put_back"
+            note = (f"the previous run in '{self.run_dir}' is back as it was (the unfinished replacement was removed); "
+                    "run the same command again to replace it")
+            if isinstance(exc, TrainingInterrupted):
+                exc.problems = [exc.problems[0].split(", checkpoint written")[0] + f" before the new run had saved; {note}"]
+            elif isinstance(exc, TunesmithError):
+                exc.problems.append(f"--overwrite: {note}")
+        elif issubclass(exc_type, (KeyboardInterrupt, TrainingInterrupted)) and run_state(self.run_dir) == "unstarted":
+            discard_new_run_dir(self.run_dir, self.created)
+            self.outcome = "removed"
+        return False
+
+    def stopped_at_once(self, resuming: bool) -> str:
+        """The message for a run stopped by KeyboardInterrupt (after `__exit__` ran)."""
+        if self.outcome == "put_back":
+            return (f"stopped at once (Ctrl-C) before the new run had saved; the previous run in '{self.run_dir}' is back as "
+                    "it was; run the same command again to replace it")
+        if self.outcome == "removed":
+            return (f"stopped (Ctrl-C) before the run's first checkpoint, so nothing was kept (the new run directory "
+                    f"'{self.run_dir}' was removed); run the same command again to start over")
+        if not self.started and not resuming:
+            return "stopped (Ctrl-C) before training started; nothing was written; run the same command again to start"
+        if run_state(self.run_dir) == "finished":
+            return f"stopped (Ctrl-C) after the run had saved: '{self.run_dir}' is complete"
+        return f"stopped at once (Ctrl-C); the last checkpoint is kept: continue with `tunesmith train --resume {self.run_dir}`"
+
+
+def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitStack, show_progress: bool,
+           new_run: _NewRun) -> RunResult:
     task = get_task(cfg.task.name)
     transformers.set_seed(cfg.train.seed)
 
@@ -247,10 +307,12 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
     transformers.set_seed(cfg.train.seed)
     model = load_model(cfg.model, task, state, tokenizer)
     model = apply_method(model, cfg.method, task.peft_task_type)
+    # Counted before the speed options: skipping unseen embedding rows hides most of the embedding from
+    # `parameters()`, which would report the model as half its size.
+    params = str(count_parameters(model))
     model, speed = apply_speed_options(model, cfg.train, cfg.method.name, threads, sequence_head=task.sequence_head)
     speed["skip_unseen_embedding_rows"] = _skip_unseen_rows(model, cfg, device, encoded["train"], tokenizer)
     warnings += check_memory(model, cfg, precision.precision, encoded["train"])  # ResourceError before the run dir exists
-    params = str(count_parameters(model))
     # Only now, with data checked and the model loaded, does the run directory appear (written by
     # the main process once every process has passed the check above).
     accelerator.wait_for_everyone()
@@ -259,6 +321,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         cleanup.enter_context(RunLock(run_dir))  # first: no other run may write here from now on
         if checkpoint is None:
             check_run_dir(cfg)  # again: another run may have finished in this folder since the first check
+            cleanup.enter_context(new_run.begin(created))  # from here on a failure undoes what this run wrote
             create_run_dir(run_dir, cfg.output.overwrite)
             save_config(run_dir, cfg)
     accelerator.wait_for_everyone()
@@ -296,6 +359,9 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         cache_body(model, everything + [loaders[s] for s in ("validation", "test") if s in loaders], accelerator.autocast)
         feature_cache_seconds = round(time.perf_counter() - cache_start, 3)
     skeleton = _maybe_shard(model, cfg, accelerator, launcher_fsdp, reshard, speed)
+    # After the loop, a Ctrl-C is acknowledged and the run goes on saving; a second one abandons it
+    # (the loop installs its own handler, which stops at the next step with a checkpoint).
+    cleanup.enter_context(StopSignals(notice=_saving_notice if accelerator.is_main_process else None))
     loop = train_loop(
         model=model,
         task=task,
@@ -351,8 +417,15 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
     if accelerator.is_main_process:  # one writer: under DDP the model and files are written once
         _write_run(run_dir, plain, tokenizer, cfg, task, state, metrics,
                    {"choice": precision.precision, "reason": precision.reason}, warnings, notes, params, speed)
+        new_run.saved = True
+        drop_previous_run(run_dir)  # an --overwrite's previous run goes only now that the new one has saved
     accelerator.wait_for_everyone()
     return RunResult(run_dir, metrics, loop.best_metric, loop.best_step, warnings)
+
+
+def _saving_notice(signum: int) -> str:
+    return ("stopping: training has finished and the run is being evaluated and saved; it ends by itself in a moment. "
+            "Press Ctrl-C again to abandon the save (the last checkpoint stays resumable)")
 
 
 def _skip_unseen_rows(model, cfg: RunConfig, device: torch.device, train_data, tokenizer) -> dict | bool:
@@ -473,26 +546,66 @@ class LoadedRun:
 
 def load(run_dir: str | os.PathLike) -> LoadedRun:
     """Load a run directory written by `train` (merged model, or base model + adapter)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists() or not (run_dir / "task.json").exists():
-        raise ConfigError(f"'{run_dir}' is not a finished tunesmith run (no config.yaml/task.json); pass the output.dir of a run")
+    run_dir = _finished_run(Path(run_dir))
     cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), str(run_dir / "config.yaml"))
     state = json.loads((run_dir / "task.json").read_text(encoding="utf-8"))
     task = get_task(state.pop("task"))
     auto_class = getattr(transformers, task.auto_model_class)
     model_dir = run_dir / "model"
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    if (model_dir / "config.json").exists():
-        model = auto_class.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
-    elif (run_dir / "adapter").exists():
-        import peft
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        if (model_dir / "config.json").exists():
+            model = auto_class.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+        else:
+            import peft
 
-        base = load_model(cfg.model, task, state, tokenizer)
-        model = peft.PeftModel.from_pretrained(base, run_dir / "adapter")
-    else:
-        raise ConfigError(f"'{run_dir}': neither model/config.json nor adapter/ found; the run did not finish saving")
+            base = load_model(cfg.model, task, state, tokenizer)
+            model = peft.PeftModel.from_pretrained(base, run_dir / "adapter")
+    except (OSError, ValueError) as err:  # a damaged or half-copied model folder
+        raise ConfigError(
+            f"'{model_dir}': cannot load the saved model ({type(err).__name__}: {str(err).splitlines()[0][:200]}); expected "
+            "the model and tokenizer files `train` wrote; restore the folder from a copy, or train the run again"
+        ) from None
     model.eval()
     return LoadedRun(run_dir, cfg, task, state, model, tokenizer)
+
+
+def _finished_run(run_dir: Path) -> Path:
+    """The folder that holds the finished run `run_dir` names, or a one-line error saying what it holds
+    instead and the command that gets it finished."""
+    from .lock import is_locked
+    from .run import REPLACED, is_run_dir
+
+    if not run_dir.exists():
+        raise ConfigError(f"run directory '{run_dir}' not found; pass the output.dir of a finished run (e.g. runs/my-run)")
+    if not run_dir.is_dir():
+        raise ConfigError(f"'{run_dir}' is a file; expected a run directory (the output.dir of a finished run)")
+    if (run_dir / REPLACED).is_dir():
+        if is_locked(run_dir):  # an --overwrite is training its replacement: the previous run is still the run
+            log.info("'%s' is being replaced by a run in progress; using the previous run until the new one has saved", run_dir)
+            return run_dir / REPLACED
+        restore_replaced_run(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        what = "an unfinished tunesmith run" if is_run_dir(run_dir) else "not a tunesmith run directory"
+        raise ConfigError(f"'{run_dir}' is {what} (no config.yaml); pass the output.dir of a finished run")
+    state = run_state(run_dir)
+    if state == "resumable" or (state == "unstarted" and not (run_dir / "task.json").exists()):
+        if is_locked(run_dir):
+            raise ConfigError(f"'{run_dir}' is still training (another tunesmith process holds it); wait for it to finish")
+        how = (f"continue it with `tunesmith train --resume {run_dir}`" if state == "resumable" else
+               f"it stopped before its first checkpoint; start it again with `tunesmith train {run_dir / 'config.yaml'} --overwrite`")
+        raise ConfigError(f"'{run_dir}' did not finish training, so it has no saved model yet; {how}")
+    if not (run_dir / "task.json").exists():
+        raise ConfigError(f"'{run_dir}/task.json' is missing; expected it next to config.yaml in a finished run; restore it "
+                          "from a copy, or train the run again")
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.json").exists() and not (run_dir / "adapter").is_dir():
+        found = "is empty" if model_dir.is_dir() else "is missing"
+        raise ConfigError(f"'{model_dir}' {found}: expected the saved model there (or an adapter/ folder); restore it from a "
+                          "copy, or train the run again")
+    if not model_dir.is_dir():
+        raise ConfigError(f"'{model_dir}' is missing: expected the tokenizer saved there next to adapter/; restore it, or train the run again")
+    return run_dir
 
 
 def predict(run_dir: str | os.PathLike | LoadedRun, inputs: list, batch_size: int = 64, **options) -> list[dict]:

@@ -25,6 +25,22 @@ config_app = typer.Typer(no_args_is_help=True, help="Show, validate, create and 
 app.add_typer(config_app, name="config")
 console = Console(stderr=True)
 out = Console()
+EXIT_INTERRUPTED = 130  # shell convention for Ctrl-C: 128 + SIGINT
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"tunesmith {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Fine-tune, evaluate and use transformer models."""
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -55,10 +71,48 @@ def _rich_handler():
 def _fail(err: TunesmithError) -> None:
     from rich.text import Text
 
+    from .interrupt import TrainingInterrupted
+
+    # A stop the user asked for is not an error.
+    label = ("stopped:", "bold yellow") if isinstance(err, TrainingInterrupted) else ("error:", "bold red")
     # Messages hold paths and JSON like `data[train]` or `[records]`: printed literally, never as rich markup.
     for line in err.problems:
-        console.print(Text.assemble(("error:", "bold red"), " ", line), highlight=False, soft_wrap=True)
+        console.print(Text.assemble(label, " ", line), highlight=False, soft_wrap=True)
     raise typer.Exit(getattr(err, "exit_code", EXIT_USER_ERROR))
+
+
+def _interrupted(what: str) -> None:
+    from rich.text import Text
+
+    console.print(Text.assemble(("stopped:", "bold yellow"), f" interrupted (Ctrl-C) {what}"), highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _check_output(output: Path | None, option: str = "--output") -> None:
+    """Before any work: the file the results go to can be written (its folder exists, it is not a folder),
+    so finished results are never lost to a bad path. `-` is stdout."""
+    if output is None or str(output) == "-":
+        return
+    if output.is_dir():
+        raise TunesmithError(f"{option}: '{output}' is a folder; expected a file name, e.g. {output / 'results.json'}")
+    parent = output.parent
+    if not parent.is_dir():
+        raise TunesmithError(f"{option}: the folder '{parent}' of '{output}' does not exist; create it first (mkdir -p {parent}) "
+                             "or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise TunesmithError(f"{option}: cannot write '{output}' (permission denied); choose a path you can write to")
+
+
+def _write_output(output: Path, text: str, what: str) -> None:
+    if str(output) == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as err:  # the disk filled up, or the folder vanished since the check: results not lost
+        sys.stdout.write(text)
+        _fail(TunesmithError(f"--output: cannot write '{output}' ({err.strerror or err}); the {what} were printed on stdout instead"))
+    console.print(f"wrote {what} to {output}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -76,6 +130,28 @@ def _print_metrics(title: str, metrics: dict) -> None:
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.learning_rate=1e-4 method=lora")]
 
 
+def _looks_like_override(value: Path | None) -> bool:
+    """`tunesmith train --resume RUN train.save_steps=50`: click hands the first override to CONFIG."""
+    return value is not None and "=" in str(value) and not value.exists()
+
+
+def _check_before_imports(config: Path | None, overrides: list[str], overwrite: bool) -> None:
+    """The checks that need no torch: the config, the data paths and output.dir, reported within a second
+    (importing torch and transformers takes seconds)."""
+    from .config import load_config
+    from .lock import check_unlocked
+    from .paths import check_data_paths
+    from .run import check_run_dir
+
+    cfg = load_config(config, overrides)
+    if overwrite:
+        cfg.output.overwrite = True
+    check_data_paths(cfg.data)
+    if cfg.output.dir:
+        check_unlocked(Path(cfg.output.dir))
+        check_run_dir(cfg)
+
+
 @app.command()
 def train(
     config: Annotated[Optional[Path], typer.Argument(help="YAML run config (see `tunesmith config init`); optional with --resume RUN_DIR.")] = None,
@@ -88,6 +164,8 @@ def train(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickled .bin weights (they can run code); same as model.allow_pickle=true.")] = False,
 ) -> None:
     """Fine-tune a model as CONFIG says; writes a run directory with the model, metrics and logs."""
+    if _looks_like_override(config):
+        config, overrides = None, [str(config), *(overrides or [])]
     if config is not None and config.is_dir():
         from .errors import ConfigError
 
@@ -103,6 +181,11 @@ def train(
         resume = resume or ("auto" if max_restarts else None)  # a restart continues from the latest checkpoint
         flags = (["--quiet"] if quiet else []) + (["--resume", resume] if resume else []) + (["--overwrite"] if overwrite else [])
         raise typer.Exit(_launch_distributed(nproc, config, overrides or [], flags, max_restarts))
+    if resume is None and "WORLD_SIZE" not in os.environ:
+        try:
+            _check_before_imports(config, overrides, overwrite)
+        except TunesmithError as err:
+            _fail(err)
     _setup_logging()
     from . import api
 
@@ -139,39 +222,63 @@ def _launch_distributed(nproc: int, config: Path | None, overrides: list[str], f
     return subprocess.run(command, check=False, env=env).returncode
 
 
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results here (`-` for stdout).")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON on stdout (logs stay on stderr), for scripts.")]
+
+
 @app.command("eval")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     data: Annotated[Path, typer.Argument(help="Labelled data file with the training columns.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write metrics JSON here.")] = None,
+    output: Output = None,
+    as_json: Json = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Evaluation batch size.")] = 64,
 ) -> None:
     """Evaluate a trained run on a labelled data file."""
+    try:
+        _check_output(output)
+    except TunesmithError as err:
+        _fail(err)
     _setup_logging()
     from . import api
 
     try:
-        metrics = api.evaluate(run_dir, data)
+        metrics = api.evaluate(run_dir, data, batch_size=batch_size)
     except TunesmithError as err:
         _fail(err)
-    _print_metrics(f"{data}", metrics)
-    if output:
-        output.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    except KeyboardInterrupt:
+        _interrupted("during the evaluation; nothing was written")
+    text = json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"
+    if as_json or str(output) == "-":  # `-o -`: the JSON is the output, without the table
+        sys.stdout.write(text)
+    else:
+        _print_metrics(f"{data}", metrics)
+    if output and str(output) != "-":
+        _write_output(output, text, "metrics")
 
 
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     input_file: Annotated[Optional[Path], typer.Option("--input", "-i", help="CSV/TSV/JSON/JSONL/Parquet file, or a .txt file with one text per line.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: stdout).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default, or `-`: stdout).")] = None,
     text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="A text to classify (repeatable).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Inference batch size.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Inference batch size.")] = 64,
     output_format: Annotated[str, typer.Option("--format", "-f", help="jsonl, or conll (token<TAB>tag; token classification).")] = "jsonl",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array of the predictions on stdout (logs on stderr).")] = False,
     aggregation: Annotated[Optional[str], typer.Option(help="Token classification: first, average or max (default: the run's).")] = None,
     question: Annotated[Optional[list[str]], typer.Option("--question", help="Question answering: a question (repeatable).")] = None,
     context: Annotated[Optional[list[str]], typer.Option("--context", help="Question answering: its context (one per --question, or one for all).")] = None,
 ) -> None:
-    """Predict for texts given with --text, in a file (--input), or as lines on stdin; question answering:
-    --question with --context, or a file with question and context columns (or SQuAD JSON)."""
+    """Predict for texts given with --text, in a file (--input), or as lines on stdin (or a CSV with the run's
+    text column); question answering: --question with --context, or a file with question and context columns
+    (or SQuAD JSON)."""
+    try:
+        _check_output(output)
+        if as_json and output_format != "jsonl":
+            raise TunesmithError(f"--json writes one JSON array; it cannot be combined with --format {output_format}; drop one of them")
+    except TunesmithError as err:
+        _fail(err)
     _setup_logging()
     from . import api
     from .predict_io import read_inputs, render_predictions
@@ -185,16 +292,23 @@ def predict(
         lines = render_predictions(records, predictions, output_format)
     except TunesmithError as err:
         _fail(err)
-    if output:
-        output.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        console.print(f"wrote {len(predictions)} predictions to {output}", markup=False, highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        _interrupted("during prediction; nothing was written")
+    if as_json:
+        body = json.dumps([json.loads(line) for line in lines], indent=2, ensure_ascii=False) + "\n"
     else:
-        for line in lines:
-            print(line)
+        body = "\n".join(lines) + "\n"
+    if output and str(output) != "-":
+        _write_output(output, body, f"{len(predictions)} predictions")
+    else:
+        sys.stdout.write(body)
 
 
 @app.command()
-def doctor() -> None:
+def doctor(
+    as_json: Json = False,
+    recheck: Annotated[bool, typer.Option("--recheck", help="Measure bf16 against fp32 again (train.precision=auto caches its decision per CPU and torch version).")] = False,
+) -> None:
     """Versions, threads, bf16 support and which bundled assets are installed."""
     import torch
 
@@ -202,36 +316,40 @@ def doctor() -> None:
     from .precision import NATIVE_BF16_FLAGS, choose_precision, cpu_flags, cpu_model
     from .run import package_versions
 
+    rows: dict[str, str] = {name: version or "not installed" for name, version in package_versions().items()}
+    rows["python"] = sys.version.split()[0]
+    rows["cpu"] = cpu_model()
+    rows["torch threads (intra/inter)"] = f"{torch.get_num_threads()}/{torch.get_num_interop_threads()}"
+    rows["native bf16 flags"] = ", ".join(sorted(NATIVE_BF16_FLAGS & cpu_flags())) or "none"
+    rows["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choice = choose_precision("auto", device, recheck=recheck)
+    rows["precision: auto"] = f"{choice.precision} — {choice.reason}"
+    rows["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "unset")
+    rows.update(installed_assets())
+    if as_json:
+        print(json.dumps({**rows, "precision: auto": {"choice": choice.precision, "reason": choice.reason}}, indent=2, ensure_ascii=False))
+        return
     table = RichTable(title="tunesmith doctor")
     table.add_column("item")
     table.add_column("value")
-    for name, version in package_versions().items():
-        table.add_row(name, version or "not installed")
-    table.add_row("python", sys.version.split()[0])
-    table.add_row("cpu", cpu_model())
-    table.add_row("torch threads (intra/inter)", f"{torch.get_num_threads()}/{torch.get_num_interop_threads()}")
-    table.add_row("native bf16 flags", ", ".join(sorted(NATIVE_BF16_FLAGS & cpu_flags())) or "none")
-    table.add_row("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    choice = choose_precision("auto", device)
-    table.add_row("precision: auto", f"{choice.precision} — {choice.reason}")
-    table.add_row("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "unset"))
-    for name, where in installed_assets().items():
-        table.add_row(name, where)
+    for name, value in rows.items():
+        table.add_row(name, value)
     out.print(table)
 
 
 @app.command()
 def demo(
-    output_dir: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
+    output_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/demo, or runs/demo-2, ... when that holds a run).")] = None,
     full: Annotated[bool, typer.Option(help="Train on all 8,530 Rotten Tomatoes sentences (slower).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --output-dir (kept until the new one has saved).")] = False,
 ) -> None:
     """Fine-tune the bundled MiniLM on Rotten Tomatoes sentences, evaluate, and classify examples."""
     _setup_logging()
-    from .demo import run_demo
+    from .demo import demo_run_dir, run_demo
 
     try:
-        run_demo(output_dir, full=full, printer=out)
+        run_demo(demo_run_dir(output_dir, overwrite), full=full, printer=out, overwrite=overwrite)
     except TunesmithError as err:
         _fail(err)
 
@@ -249,11 +367,12 @@ def config_show(config: Annotated[Optional[Path], typer.Argument()] = None, over
 
 @config_app.command("validate")
 def config_validate(config: Path, overrides: Overrides = None) -> None:
-    """Check a config: unknown keys (with the closest valid key), types, ranges."""
+    """Check a config: unknown keys (with the closest valid key), types, ranges, and that its data files exist."""
     from .config import load_config
+    from .paths import check_data_paths
 
     try:
-        load_config(config, overrides or [])
+        check_data_paths(load_config(config, overrides or []).data)
     except TunesmithError as err:
         _fail(err)
     from rich.text import Text
@@ -264,17 +383,54 @@ def config_validate(config: Path, overrides: Overrides = None) -> None:
 @config_app.command("init")
 def config_init(
     path: Annotated[Path, typer.Argument(help="Where to write the config.")] = Path("tunesmith.yaml"),
+    train_file: Annotated[Optional[Path], typer.Option("--train-file", help="Your training data (CSV, TSV, JSON, JSONL, Parquet); its columns are checked.")] = None,
+    text_column: Annotated[str, typer.Option(help="Column with the text to classify.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Column with the label.")] = "label",
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
 ) -> None:
-    """Write a starter config with every section and its defaults."""
+    """Write a starter config with every section and its defaults (sequence classification; see configs/
+    for the other task families)."""
     from .config import RunConfig, dump_config
 
-    if path.exists() and not force:
-        _fail(TunesmithError(f"'{path}' exists; pass --force to overwrite it or choose another path"))
-    cfg = RunConfig.model_validate({"data": {"train_file": "train.csv"}})
-    header = "# tunesmith run config. Reference: docs/config.md. Validate: tunesmith config validate THIS_FILE\n"
-    path.write_text(header + dump_config(cfg), encoding="utf-8")
-    console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+    try:
+        if path.is_dir():
+            raise TunesmithError(f"'{path}' is a folder; expected a file name for the config, e.g. {path / 'my.yaml'}")
+        if path.exists() and not force:
+            raise TunesmithError(f"'{path}' exists; pass --force to overwrite it or choose another path")
+        if not path.parent.is_dir():
+            raise TunesmithError(f"the folder '{path.parent}' does not exist; create it first (mkdir -p {path.parent}) or "
+                                 "choose another path for the config")
+        data = {"train_file": _config_relative(train_file, path) if train_file else "train.csv"}
+        if train_file:
+            _check_columns(train_file, [text_column, label_column])
+        cfg = RunConfig.model_validate({"data": data, "task": {"text_column": text_column, "label_column": label_column}})
+        header = "# tunesmith run config. Reference: docs/config.md. Validate: tunesmith config validate THIS_FILE\n"
+        if not train_file:
+            header += "# Set data.train_file to your CSV (columns: text, label) before training.\n"
+        path.write_text(header + dump_config(cfg), encoding="utf-8")
+    except TunesmithError as err:
+        _fail(err)
+    except OSError as err:
+        _fail(TunesmithError(f"cannot write '{path}' ({err.strerror or err}); choose a path you can write to"))
+    console.print(f"wrote {path}" + ("" if train_file else " (edit data.train_file before training)"),
+                  markup=False, highlight=False, soft_wrap=True)
+
+
+def _config_relative(data_file: Path, config_path: Path) -> str:
+    # Paths in a config are read relative to the config's folder.
+    return os.path.relpath(data_file.resolve(), config_path.parent.resolve())
+
+
+def _check_columns(data_file: Path, columns: list[str]) -> None:
+    from .data.loaders import read_file
+
+    table = read_file(data_file, field="--train-file")
+    found = [str(c) for c in table.frame.columns]
+    missing = [c for c in columns if c not in found]
+    if missing:
+        options = " ".join(f"--{flag}-column NAME" for flag, c in zip(("text", "label"), columns) if c in missing)
+        raise TunesmithError(f"--train-file: '{data_file}' has no column {', '.join(repr(c) for c in missing)}; columns found: "
+                             f"{', '.join(found)}; name the right ones with {options}")
 
 
 @config_app.command("reference")
@@ -290,7 +446,24 @@ def config_reference_cmd(output: Annotated[Optional[Path], typer.Option("--outpu
 
 
 def main() -> None:
+    _refuse_dashed_overrides(sys.argv[1:])
     app()
+
+
+def _refuse_dashed_overrides(args: list[str]) -> None:
+    """`--train.learning_rate=1e-4` (litgpt's and Hydra's habit) would get click's bare "No such option"."""
+    import re
+
+    for arg in args:
+        match = re.fullmatch(r"--?([A-Za-z_]+(?:\.[A-Za-z_]+)+)(=.*)?", arg)
+        if match:
+            from rich.text import Text
+
+            fixed = match.group(1) + (match.group(2) or "=VALUE")
+            console.print(Text.assemble(("error:", "bold red"), f" unknown option '{arg}': config overrides are written without "
+                                        f"dashes, e.g. `tunesmith train CONFIG {fixed}`; drop the leading '--'"),
+                          highlight=False, soft_wrap=True)
+            raise SystemExit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,18 @@ One schema for every run. Sections: `model`, `data`, `task`, `method`, `train`, 
 from __future__ import annotations
 
 import difflib
+import logging
 import types
+import unicodedata
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
+
+log = logging.getLogger(__name__)
 
 # Bump when a key is renamed or removed; recorded in every run directory.
 SCHEMA_VERSION = 1
@@ -67,6 +71,7 @@ class DataConfig(Section):
 class ClassificationTaskConfig(Section):
     """Sequence classification: single-label, multi-label, regression, sentence pairs."""
 
+    pipeline_tag: ClassVar[str] = "text-classification"  # the transformers pipeline's name, accepted as `task:`
     name: Literal["classification"] = "classification"
     text_column: str = Field("text", description="Column with the input text.")
     text_pair_column: str | None = Field(None, description="Second text column for sentence-pair tasks (NLI, MRPC).")
@@ -89,6 +94,7 @@ class ClassificationTaskConfig(Section):
 class TokenClassificationTaskConfig(Section):
     """Token classification: named entities, part-of-speech tags, chunks."""
 
+    pipeline_tag: ClassVar[str] = "token-classification"
     name: Literal["token_classification"] = "token_classification"
     format: Literal["auto", "conll", "tokens", "spans"] = Field(
         "auto",
@@ -128,6 +134,7 @@ class TokenClassificationTaskConfig(Section):
 class QuestionAnsweringTaskConfig(Section):
     """Extractive question answering: SQuAD v1.1/v2.0 JSON or flat rows; the answer is a span of the context."""
 
+    pipeline_tag: ClassVar[str] = "question-answering"
     name: Literal["question_answering"] = "question_answering"
     question_column: str = Field("question", description="Flat JSONL/CSV: column with the question (SQuAD JSON is read as is).")
     context_column: str = Field("context", description="Flat JSONL/CSV: column with the context the answer is a span of.")
@@ -153,7 +160,9 @@ class QuestionAnsweringTaskConfig(Section):
     )
     tune_null_threshold: bool = Field(True, description="v2: after training, set the threshold that maximises F1 on validation.")
     repair: bool = Field(
-        False, description="Move each `answer_start` that does not point at its answer text to the nearest occurrence of that text."
+        False,
+        description="Training data: move each `answer_start` that does not point at its answer text to the nearest occurrence "
+        "of that text. Offsets off only by surrounding whitespace are repaired anyway; evaluation data needs only answer texts.",
     )
 
     @model_validator(mode="after")
@@ -196,6 +205,10 @@ class TrainConfig(Section):
     per_device_eval_batch_size: int = Field(64, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    warmup_steps: int = Field(
+        0, ge=0,
+        description="Warm up over this many optimizer steps instead of a share of them (`warmup_ratio`); set one of the two.",
+    )
     lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup", "constant"] = "linear"
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
     seed: int = 42
@@ -295,6 +308,9 @@ class TrainConfig(Section):
         if self.fsdp and self.torch_compile:
             raise ValueError("train.fsdp and train.torch_compile together are not supported (never tested); "
                              "set one of them to false")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) and train.warmup_ratio ({self.warmup_ratio}) are "
+                             "both set; expected one of them; set the other to 0")
         return self
 
 
@@ -330,31 +346,175 @@ class RunConfig(Section):
         return value
 
 
+# --------------------------------------------------------------------------- Hugging Face names
+
+# People arrive with TrainingArguments, pipeline and run_glue.py names. The few with an exact equivalent are
+# read as ours before validation (`_apply_aliases`: each with a note); the rest stay unknown keys, and their
+# message names the one equivalent (`_FOREIGN_KEYS`). Pipeline task names live on the task classes (`pipeline_tag`).
+
+# Path as written -> our path; the value carries over unchanged.
+_RENAMES: dict[str, str] = {
+    "output_dir": "output.dir",
+    "train.output_dir": "output.dir",
+    "output.output_dir": "output.dir",
+}
+
+_ALWAYS_EVALUATES = (
+    "`tunesmith train` always trains, evaluates on the validation set, and evaluates the best model on the test set "
+    "when there is one (data.test_file or data.test_split); remove it"
+)
+
+# An unknown key, in whichever section it is written -> our key (no spaces), or what to do instead.
+_FOREIGN_KEYS: dict[str, str] = {
+    # TrainingArguments
+    "batch_size": "train.per_device_train_batch_size",
+    "train_batch_size": "train.per_device_train_batch_size",
+    "per_gpu_train_batch_size": "train.per_device_train_batch_size",
+    "eval_batch_size": "train.per_device_eval_batch_size",
+    "per_gpu_eval_batch_size": "train.per_device_eval_batch_size",
+    "lr": "train.learning_rate",
+    "epochs": "train.num_train_epochs",
+    "num_epochs": "train.num_train_epochs",
+    "gradient_accumulation": "train.gradient_accumulation_steps",
+    "evaluation_strategy": "train.eval_strategy",
+    "overwrite_output_dir": "output.overwrite",
+    "save_strategy": "checkpoints are written every train.save_steps optimizer steps and after each evaluation and epoch "
+    "(train.save_steps=0: only then); remove it",
+    "report_to": "metrics are logged to RUN_DIR/log.jsonl (no integrations such as wandb or tensorboard yet); remove it",
+    "logging_dir": "logs (log.jsonl) are written into the run directory, output.dir; remove it or set output.dir",
+    "logging_strategy": "logs are written every train.logging_steps optimizer steps; remove it (set train.logging_steps)",
+    "optim": "the optimizer is always AdamW (no weight decay on biases and norms); remove it",
+    "do_train": _ALWAYS_EVALUATES,
+    "do_eval": _ALWAYS_EVALUATES,
+    "do_predict": _ALWAYS_EVALUATES,
+    # run_glue.py / run_ner.py / run_qa.py arguments
+    "model_name_or_path": "model.name_or_path",
+    "tokenizer_name": "model.tokenizer_name_or_path",
+    "max_seq_length": "task.max_length",
+    "max_predict_samples": "data.max_eval_samples",
+    "pad_to_max_length": "each batch is padded to its longest sequence, never to task.max_length; remove it",
+    "cache_dir": "models and datasets are cached where Hugging Face caches them (the HF_HOME environment variable); remove it",
+}
+
+
+def _pipeline_names() -> dict[str, str]:
+    """`text-classification` -> `classification`, from each task config's `pipeline_tag`."""
+    return {m.pipeline_tag: m.model_fields["name"].default for m in _section_members(TaskConfig)}
+
+
+def _apply_aliases(raw: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Hugging Face names with an exact equivalent read as ours. Returns (the rewritten config, notes,
+    problems); the caller's dict and its sections are left as they were."""
+    raw = dict(raw)
+    notes: list[str] = []
+    problems: list[str] = []
+    copied: set[str] = set()
+
+    def section(name: str, create: bool = False) -> dict[str, Any] | None:
+        # Our own copy of a section, to edit; None when it is not a mapping (validation reports that).
+        value = raw.get(name)
+        if value is None and create:
+            value = {}
+        if not isinstance(value, dict):
+            return None
+        if name not in copied:
+            value = raw[name] = dict(value)
+            copied.add(name)
+        return value
+
+    for written, ours in _RENAMES.items():
+        *parent, key = written.split(".")
+        holder = section(parent[0]) if parent else raw
+        if holder is None or key not in holder:
+            continue
+        target_name, target_key = ours.split(".")
+        target = section(target_name, create=True)
+        if target is None:
+            continue
+        value = holder.pop(key)
+        if target.get(target_key) not in (None, value):
+            problems.append(f"{source}: '{written}' ({value!r}) and '{ours}' ({target[target_key]!r}) are both set; "
+                            f"'{written}' is the TrainingArguments name for '{ours}'; keep one")
+            continue
+        target[target_key] = value
+        notes.append(f"{source}: read '{written}' as '{ours}' (the TrainingArguments name)")
+
+    train = section("train")
+    if train is not None:
+        flags = {flag: train.pop(flag) for flag in ("bf16", "fp16") if flag in train}
+        on = [flag for flag, value in flags.items() if value is True]
+        for flag, value in flags.items():
+            if not isinstance(value, bool):
+                problems.append(f"{source}: train.{flag}: expected true or false, found {value!r}; "
+                                f"better: train.precision: {flag}")
+        if len(on) == 2:
+            problems.append(f"{source}: train.bf16 and train.fp16 are both true; expected one precision; set train.precision "
+                            "to bf16 or fp16 and remove both")
+        elif on and train.get("precision", on[0]) != on[0]:
+            problems.append(f"{source}: 'train.{on[0]}: true' and 'train.precision: {train['precision']}' disagree; keep one "
+                            f"(train.{on[0]}: true is train.precision: {on[0]})")
+        elif on:
+            train["precision"] = on[0]
+            notes.append(f"{source}: read 'train.{on[0]}: true' as 'train.precision: {on[0]}' (the TrainingArguments name)")
+        for flag in (flag for flag, value in flags.items() if value is False):
+            # TrainingArguments' fp32 default is not ours: `auto` may pick bf16, so say how to get fp32.
+            decides = (f"train.precision is '{train['precision']}'" if "precision" in train
+                       else "train.precision decides (default 'auto'); set train.precision=fp32 to train in fp32")
+            notes.append(f"{source}: ignored 'train.{flag}: false': {decides}")
+        if "load_best_model_at_end" in train:
+            value = train.pop("load_best_model_at_end")
+            if value is True:
+                notes.append(f"{source}: ignored 'train.load_best_model_at_end: true': tunesmith always loads the best "
+                             "checkpoint at the end")
+            else:
+                problems.append(
+                    f"{source}: train.load_best_model_at_end: {'false' if value is False else repr(value)} is not supported: "
+                    "tunesmith always loads the best checkpoint at the end of training; remove the key "
+                    "(train.eval_strategy=no trains without evaluation and keeps the final weights)"
+                )
+
+    names = _pipeline_names()
+    task = raw.get("task")
+    if isinstance(task, str) and task in names:
+        raw["task"] = names[task]
+        notes.append(f"{source}: read 'task: {task}' as 'task: {names[task]}' (the pipeline task name)")
+    elif isinstance(task, dict) and isinstance(task.get("name"), str) and task["name"] in names:
+        task = section("task")
+        notes.append(f"{source}: read 'task.name: {task['name']}' as 'task.name: {names[task['name']]}' (the pipeline task name)")
+        task["name"] = names[task["name"]]
+    return raw, notes, problems
+
+
+def _section_keys() -> dict[str, list[str]]:
+    """Each section's keys (the task's: those of every task), for suggestions across sections."""
+    return {
+        name: list(dict.fromkeys(key for member in _section_members(field.annotation) for key in member.model_fields))
+        for name, field in RunConfig.model_fields.items()
+    }
+
+
+def _unknown_key_hint(parent: list[str], key: str, members: list[type[BaseModel]]) -> str:
+    """What to write instead of an unknown key: the Hugging Face name's equivalent, the same key in another
+    section, a near-miss; else the valid keys, never a long list of them."""
+    foreign = _FOREIGN_KEYS.get(key)
+    if foreign:
+        return foreign if " " in foreign else f"tunesmith calls it '{foreign}'"
+    elsewhere = {name: f"{name}.{key}" for name, keys in _section_keys().items() if key in keys and [name] != parent}
+    if elsewhere and len(parent) <= 1:
+        plural = "s" if len(elsewhere) > 1 else ""
+        return (f"it is a key of the {' and '.join(elsewhere)} section{plural}: did you mean "
+                f"{' or '.join(repr(dotted) for dotted in elsewhere.values())}?")
+    candidates = list(dict.fromkeys(k for member in members for k in member.model_fields))
+    # 0.6, not difflib's usual 0.5 or less: below it the "closest" key is a different setting (fp16 -> fsdp).
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{'.'.join(parent + [close[0]])}'?"
+    if len(candidates) <= 8:
+        return f"valid keys: {', '.join(candidates)}"
+    return f"see `tunesmith config reference` (docs/config.md) for the {len(candidates)} keys of {'.'.join(parent)}"
+
+
 # --------------------------------------------------------------------------- loading
-
-
-def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
-    """Valid keys at a dotted path, for 'did you mean' suggestions."""
-    current: Any = model
-    for part in path:
-        fields = getattr(current, "model_fields", {})
-        if part not in fields:
-            return []
-        annotation = fields[part].annotation
-        current = _section_type(annotation)
-        if current is None:
-            return []
-    return list(getattr(current, "model_fields", {}))
-
-
-def _section_type(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _section_members(annotation: Any) -> list[type[BaseModel]]:
@@ -363,12 +523,14 @@ def _section_members(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in get_args(annotation) for m in _section_members(arg)]
 
 
-def _clean_location(loc: tuple) -> tuple[list[str], str]:
+def _clean_location(loc: tuple) -> tuple[list[str], str, list[type[BaseModel]]]:
     """Field names of an error location without pydantic's union-branch tags (`classification`,
-    `literal['none','balanced']`, `list[float]`), list positions as `[i]`. Returns (keys, dotted path)."""
+    `literal['none','balanced']`, `list[float]`), list positions as `[i]`. Returns (keys, dotted path, the
+    sections the last key was looked up in: the task's own branch for a task key)."""
     keys: list[str] = []
     dotted = ""
     members: list[type[BaseModel]] = [RunConfig]  # sections the next location part may be a key of
+    parent_members = members
     for part in loc:
         if isinstance(part, int):
             dotted += f"[{part}]"
@@ -382,20 +544,18 @@ def _clean_location(loc: tuple) -> tuple[list[str], str]:
         field = next((m.model_fields[part] for m in members if part in m.model_fields), None)
         keys.append(part)
         dotted += ("." if dotted else "") + part
+        parent_members = members
         members = _section_members(field.annotation) if field is not None else []
-    return keys, dotted or "(root)"
+    return keys, dotted or "(root)", parent_members
 
 
 def _format_validation_error(err: ValidationError, source: str) -> list[str]:
     problems: list[str] = []
     merged: dict[str, int] = {}  # dotted path -> index in problems, to join the branches of a union
     for e in err.errors():
-        keys, dotted = _clean_location(e["loc"])
+        keys, dotted, parent_members = _clean_location(e["loc"])
         if e["type"] == "extra_forbidden":
-            parent, key = keys[:-1], keys[-1]
-            candidates = _known_keys(RunConfig, parent)
-            close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-            hint = f"did you mean '{'.'.join(parent + [close[0]])}'?" if close else f"valid keys: {', '.join(candidates)}"
+            hint = _unknown_key_hint(keys[:-1], keys[-1], parent_members)
             problems.append(f"{source}: unknown key '{dotted}'; {hint}")
             continue
         if e["type"] == "union_tag_invalid":
@@ -419,16 +579,33 @@ def _format_validation_error(err: ValidationError, source: str) -> list[str]:
     return problems
 
 
-def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+def parse_config(raw: dict[str, Any], source: str = "config", notes: list[str] | None = None) -> RunConfig:
+    """Validate a raw config. Hugging Face names with an exact equivalent (`output_dir`, `train.bf16`,
+    `task: text-classification`) are read as ours: one note each, logged and appended to `notes` if given."""
+    found: list[str] = []
+    problems: list[str] = []
+    if isinstance(raw, dict):
+        raw, found, problems = _apply_aliases(raw, source)
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(problems + _format_validation_error(err, source)) from None
+    if problems:
+        raise ConfigError(problems)
+    for note in found:
+        log.info(note)
+    if notes is not None:
+        notes.extend(found)
+    return cfg
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, item: str) -> Any:
     # YAML scalars: `1e-4` -> float, `true` -> bool, `[a, b]` -> list, `null` -> None.
-    value = yaml.safe_load(text) if text != "" else ""
+    try:
+        value = _load_yaml(text, f"override '{item}'") if text != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({' '.join(str(err).split())}); expected a "
+                          "YAML value such as 4, 1e-4, true or [a, b]") from None
     if isinstance(value, str) and _looks_like_float(value):
         return float(value)
     return value
@@ -482,32 +659,163 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if _is_text_field(parts) and text not in {"null", "~"}:
             node[parts[-1]] = text
         else:
-            node[parts[-1]] = _parse_value(text)
+            node[parts[-1]] = _parse_value(text, item)
     return raw
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that also records each key written twice in one mapping (SafeLoader keeps the
+    last one without a word), with its dotted path and lines; `_load_yaml` reports them."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, list[int]]] = []  # (dotted key, the lines it is written on)
+        self._paths: dict[int, str] = {}  # id(node) -> its dotted path
+        self._checked: set[int] = set()
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # The constructor sees one mapping at a time; where each one sits comes from a walk of the whole tree.
+        self._paths = _node_paths(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        self._check_duplicates(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def flatten_mapping(self, node: yaml.Node) -> None:
+        # A merge (`<<: *base`) copies base's pairs into this mapping's node, and flattens base (its own merges)
+        # first: check each mapping as written, before that, so a key that overrides a merged one is no duplicate.
+        self._check_duplicates(node)
+        super().flatten_mapping(node)
+
+    def _check_duplicates(self, node: yaml.Node) -> None:
+        if not isinstance(node, yaml.MappingNode) or id(node) in self._checked:
+            return
+        self._checked.add(id(node))
+        lines: dict[Any, list[int]] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
+                lines.setdefault(self.construct_object(key_node), []).append(key_node.start_mark.line + 1)
+        path = self._paths.get(id(node), "")
+        for key, where in lines.items():
+            if len(where) > 1:
+                self.duplicates.append((f"{path}.{key}" if path else str(key), where))
+
+
+def _node_paths(root: yaml.Node) -> dict[int, str]:
+    """The dotted path of every node, in document order (an alias keeps its anchor's path)."""
+    paths: dict[int, str] = {}
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in paths:
+            continue
+        paths[id(node)] = path
+        children: list[tuple[yaml.Node, str]] = []
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:  # merged mappings' keys join this mapping
+                    merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    children += [(m, path) for m in merged]
+                elif isinstance(key_node, yaml.ScalarNode):
+                    children.append((value_node, f"{path}.{key_node.value}" if path else key_node.value))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        stack.extend(reversed(children))
+    return paths
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """YAML text as Python data; a key written twice is a ConfigError (YAML errors are left to the caller)."""
+    loader = _ConfigLoader(text)
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    problems = []
+    for dotted, lines in sorted(loader.duplicates, key=lambda item: item[1]):
+        if len(set(lines)) == 1:
+            where = f"{'twice' if len(lines) == 2 else f'{len(lines)} times'} on line {lines[0]}"
+        else:
+            where = f"on lines {', '.join(map(str, lines[:-1]))} and {lines[-1]}"
+        problems.append(f"{source}: duplicate key '{shown(dotted)}' {where}; the last one would silently win; keep one of them")
+    if problems:
+        raise ConfigError(problems)
+    return data
+
+
+def _line_at(content: str | bytes, offset: int) -> int:
+    return content.count(b"\n" if isinstance(content, bytes) else "\n", 0, offset) + 1
+
+
+# A config is a few KB: a file this big is another one (a dataset, a model), not worth reading whole.
+MAX_CONFIG_BYTES = 10 * 1024 * 1024
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping of sections. A file that is missing, unreadable, binary, not UTF-8, not YAML,
+    empty, not a mapping or has a key twice is a ConfigError naming the file, one line per problem."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "config.yaml"
+        fix = (f"pass the config file inside it: {inside}" if inside.is_file()
+               else "pass the path of a .yaml file (create one with `tunesmith config init FILE`)")
+        raise ConfigError(f"{path}: is a directory; expected a YAML config file; {fix}")
     if not path.exists():
         raise ConfigError(f"config file '{path}' not found; create one with `tunesmith config init {path}`")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        fix = f"check its permissions (chmod u+r {path})" if isinstance(err, PermissionError) else "check the file and its disk"
+        raise ConfigError(f"{path}: cannot read the file ({err.strerror or err}); expected a readable YAML file; {fix}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: more than {MAX_CONFIG_BYTES:,} bytes; expected a YAML config file (a few KB); "
+                          "is it the right file?")
+    # NUL bytes never occur in UTF-8 text: binary data or UTF-16. Checked before decoding, so that a binary
+    # file is not reported as text in the wrong encoding.
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ConfigError(
+            f"{path}: line {_line_at(data, nul)}, byte offset {nul}: found a NUL byte: binary data, not YAML "
+            "text; expected a YAML config file in UTF-8; pass the config file (UTF-16 text: re-save it as UTF-8)"
+        )
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a BOM, as some Windows editors write, is no text
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: line {_line_at(data, err.start)}, byte offset {err.start}: found byte "
+            f"0x{data[err.start]:02x}, which is not UTF-8; expected UTF-8 text; re-save it as UTF-8"
+        ) from None
+    try:
+        raw = _load_yaml(text, str(path))
+    except yaml.reader.ReaderError as err:  # a character YAML does not allow (PyYAML says "position N")
+        char = err.character if isinstance(err.character, str) else chr(err.character)
+        kind = "control character" if unicodedata.category(char) == "Cc" else "character"
+        raise ConfigError(f"{path}: line {_line_at(text, err.position)}: found the {kind} U+{ord(char):04X}, "
+                          "which YAML does not allow; expected YAML text; remove it") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
-    if raw is None:
-        return {}
+    if raw is None:  # nothing but comments and blank lines: the wrong file, or one emptied by accident
+        raise ConfigError(f"{path}: is empty; expected sections {', '.join(RunConfig.model_fields)}; create a starter "
+                          f"with `tunesmith config init --force {path}`")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, task, ...), found {type(raw).__name__}")
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or none: defaults), apply dotted overrides, validate."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, notes: list[str] | None = None
+) -> RunConfig:
+    """Read a YAML config (or none: defaults), apply dotted overrides, validate. `notes`: see `parse_config`."""
     raw = read_yaml(path) if path else {}
     if path:
         _resolve_relative_paths(raw, Path(path).parent)
     raw = apply_overrides(raw, overrides or [])
-    return parse_config(raw, source=str(path) if path else "config")
+    return parse_config(raw, source=str(path) if path else "config", notes=notes)
 
 
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
@@ -524,14 +832,16 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
                 data[key] = str(candidate)
 
 
-def coerce_config(config: "RunConfig | dict | str | Path", overrides: list[str] | None = None) -> RunConfig:
+def coerce_config(
+    config: "RunConfig | dict | str | Path", overrides: list[str] | None = None, notes: list[str] | None = None
+) -> RunConfig:
     if isinstance(config, RunConfig):
         if overrides:
-            return parse_config(apply_overrides(config.model_dump(mode="json"), overrides))
+            return parse_config(apply_overrides(config.model_dump(mode="json"), overrides), notes=notes)
         return config
     if isinstance(config, dict):
-        return parse_config(apply_overrides(config, overrides or []))
-    return load_config(config, overrides)
+        return parse_config(apply_overrides(config, overrides or []), notes=notes)
+    return load_config(config, overrides, notes=notes)
 
 
 def dump_config(config: RunConfig) -> str:
@@ -547,7 +857,10 @@ def config_reference() -> str:
         "# Config reference",
         "",
         f"Generated from `tunesmith.config` (schema version {SCHEMA_VERSION}) by `tunesmith config reference`.",
-        "Do not edit by hand. Unknown keys are errors that name the closest valid key.",
+        "Do not edit by hand. Unknown keys are errors that name the closest valid key (or, for a Hugging Face",
+        "name, its equivalent). Names with an exact equivalent are read as these keys, with a note: `output_dir`,",
+        "`train.bf16`/`train.fp16`, `train.load_best_model_at_end: true`, and the pipeline task names "
+        f"({', '.join(f'`{tag}`' for tag in _pipeline_names())}).",
         "",
     ]
     sections: list[tuple[str, type[BaseModel]]] = [

@@ -29,7 +29,28 @@ LABEL_NAMES = {"0": "negative", "1": "positive"}
 FP32_TRAIN_SENTENCES = 3000
 
 
-def demo_config(output_dir: Path, full: bool = False, fast_bf16: bool | None = None) -> RunConfig:
+DEFAULT_DIR = Path("runs/demo")
+
+
+def demo_run_dir(output_dir: Path | None, overwrite: bool = False) -> Path:
+    """Where the demo writes. An explicit folder follows `train`'s rules (a run there is replaced only with
+    --overwrite); the default never replaces an earlier demo: runs/demo, else runs/demo-2, runs/demo-3, ..."""
+    if output_dir is not None or overwrite:
+        return output_dir or DEFAULT_DIR
+    from .run import is_run_dir
+
+    candidate, n = DEFAULT_DIR, 1
+    while candidate.exists() and (is_run_dir(candidate) or any(candidate.iterdir())):
+        n += 1
+        candidate = DEFAULT_DIR.with_name(f"{DEFAULT_DIR.name}-{n}")
+    if candidate != DEFAULT_DIR:
+        import logging
+
+        logging.getLogger("tunesmith").info("%s holds an earlier demo run (kept); writing this one to %s", DEFAULT_DIR, candidate)
+    return candidate
+
+
+def demo_config(output_dir: Path, full: bool = False, fast_bf16: bool | None = None, overwrite: bool = False) -> RunConfig:
     if fast_bf16 is None:
         import torch
 
@@ -48,16 +69,16 @@ def demo_config(output_dir: Path, full: bool = False, fast_bf16: bool | None = N
             "method": "full",
             "train": {"learning_rate": 5e-5, "num_train_epochs": 2 if full else 1, "per_device_train_batch_size": 32,
                       "warmup_ratio": 0.06, "seed": 0},
-            "output": {"dir": str(output_dir), "overwrite": True},
+            "output": {"dir": str(output_dir), "overwrite": overwrite},
         }
     )
 
 
-def run_demo(output_dir: Path, full: bool = False, printer: Console | None = None) -> dict:
+def run_demo(output_dir: Path, full: bool = False, printer: Console | None = None, overwrite: bool = False) -> dict:
     from . import api
 
     printer = printer or Console()
-    result = api.train(demo_config(output_dir, full))
+    result = api.train(demo_config(output_dir, full, overwrite=overwrite))
     test = result.metrics["test"]
     table = Table(title="Rotten Tomatoes test set (held out)")
     table.add_column("metric")

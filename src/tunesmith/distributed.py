@@ -117,6 +117,22 @@ def check_launch_strategy(env: Mapping[str, str] = os.environ) -> None:
                           "configs/accelerate/ddp_multi_gpu.yaml (" + CPU_FIX + ")")
 
 
+def import_deepspeed_only_when_used() -> None:
+    """accelerate's `extract_model_from_parallel` (every `unwrap_model`, every transformers `save_pretrained`)
+    imports DeepSpeed whenever it is installed, just to test `isinstance(model, DeepSpeedEngine)`: a second
+    of imports and DeepSpeed's "Setting accelerator to CPU" warning in every plain run. A model can only be
+    a DeepSpeedEngine once DeepSpeed was imported, so the test is asked only then (same answer)."""
+    import sys
+
+    import accelerate.utils.other as other
+
+    if getattr(other.is_deepspeed_available, "__name__", "") != "_deepspeed_imported":
+        def _deepspeed_imported() -> bool:
+            return "deepspeed" in sys.modules
+
+        other.is_deepspeed_available = _deepspeed_imported
+
+
 def init_restarted_process_group(backend: str, env: Mapping[str, str] = os.environ) -> bool:
     """Under `torchrun --max-restarts`, start a restarted attempt's process group in a store
     namespace of its own; True if it did (accelerate then uses that group).

@@ -1,12 +1,16 @@
 """Graceful stop on SIGINT/SIGTERM: the loop finishes its step, writes a checkpoint and exits.
 
-A second Ctrl-C stops at once (the default behaviour), for a user who does not want to wait.
+A second Ctrl-C stops at once (the default behaviour), for a user who does not want to wait. The
+first one is acknowledged on stderr (`notice`), so a user knows the stop is under way and what a
+second Ctrl-C would cost.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
+from collections.abc import Callable
 
 from .errors import TunesmithError
 
@@ -26,15 +30,20 @@ class StopSignals:
     """Context manager: records SIGINT/SIGTERM instead of dying mid-step (main thread only;
     elsewhere, e.g. in a notebook's worker thread, signals keep their default behaviour)."""
 
-    def __init__(self):
+    def __init__(self, notice: Callable[[int], str] | None = None):
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._notice = notice
 
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.received = signum
+        if self._notice is not None:
+            # A plain write: a signal handler must not take the logging module's locks.
+            sys.stderr.write(f"\n{self._notice(signum)}\n")
+            sys.stderr.flush()
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():

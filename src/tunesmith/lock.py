@@ -65,3 +65,12 @@ def check_unlocked(run_dir: Path) -> None:
     """Fail fast (before data and model load) if a live run holds `run_dir`."""
     if (Path(run_dir) / LOCK_NAME).exists():
         RunLock(run_dir).acquire().release()
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live run holds `run_dir` now."""
+    try:
+        check_unlocked(run_dir)
+    except ConfigError:
+        return True
+    return False

@@ -25,7 +25,7 @@ after `apply_method` and the speed options, before the run directory is created)
 
 `s` is the longest tokenized train example (capped by `task.max_length`): batches are padded to
 their longest member only, so shorter data needs less. The constants were calibrated against the
-peak RSS of short CPU runs of the bundled MiniLM (see RELIABILITY.md).
+peak RSS of short CPU runs of the bundled MiniLM (see docs/reliability.md).
 
 On CPU the model is already in RAM when the check runs, so what training adds is compared with
 the RAM available (psutil, and the cgroup limit of a container); on GPU the whole estimate is
@@ -60,7 +60,7 @@ WARN_SHARE = 0.8
 # attention output, projection and norm inputs/outputs, the MLP's 4h intermediate before and after its
 # activation, dropout masks, and what the allocator does not hand back), and per attention score
 # (probabilities, dropout mask, dropped probabilities) when scores are materialised. Fitted to the peak
-# RSS of MiniLM runs at batch x length 8x128 .. 32x256 and 8x512 on CPU (RELIABILITY.md).
+# RSS of MiniLM runs at batch x length 8x128 .. 32x256 and 8x512 on CPU (docs/reliability.md).
 ACT_PER_HIDDEN = 28.0
 ACT_PER_SCORE = 3.0
 # The CPU fast path's attention function keeps the fp32 probabilities and a 2-byte (bf16) or 4-byte keep

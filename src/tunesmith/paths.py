@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from .errors import ConfigError, shown
+from .errors import ConfigError, DataError, shown
 
 _DRIVE = re.compile(r"^[A-Za-z]:")  # Windows drive letters, refused on every platform
 
@@ -51,3 +51,30 @@ def safe_join(base: str | os.PathLike, name: str | os.PathLike, field: str = "na
     if resolved != resolved_root and resolved_root not in resolved.parents:
         raise refuse(f"which leads outside it through a symbolic link (to '{shown(resolved)}')")
     return joined
+
+
+def check_data_path(path: str | os.PathLike, field: str) -> Path:
+    """A data path from the config exists (file or folder), checked before anything heavy is imported:
+    a typo is reported in a second. What the file holds is the loaders' concern."""
+    if "\x00" in str(path):
+        raise DataError(f"{field}: the path '{shown(path)}' contains a NUL character; expected a file path; fix {field}")
+    path = Path(path)
+    try:
+        exists = path.exists()
+    except OSError as err:  # a name too long for the file system, a loop of symlinks
+        raise DataError(f"{field}: cannot use the path '{shown(path)[:200]}' ({err.strerror or err}); expected a file path; fix {field}") from None
+    if not exists:
+        raise DataError(f"{field}: file '{shown(path)}' not found (working directory {Path.cwd()}); check the path or set {field}")
+    return path
+
+
+DATA_FILE_FIELDS = ("train_file", "validation_file", "test_file")
+
+
+def check_data_paths(data) -> None:
+    """Every data file the `data` config section names exists (`DataConfig`; hub and bundled data sets are
+    checked where they load)."""
+    for key in DATA_FILE_FIELDS:
+        value = getattr(data, key)
+        if value:
+            check_data_path(value, f"data.{key}")

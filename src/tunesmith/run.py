@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -98,50 +99,168 @@ def _entries(run_dir: Path) -> list[Path]:
     return [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
 
 
+# What tunesmith writes into a run directory. Everything else in it (a user's notes.txt, an analysis/
+# folder) is the user's: `--overwrite` replaces only these, and keeps the rest where it is.
+RUN_ENTRIES = frozenset({
+    RUN_MARKER, "config.yaml", "task.json", "provenance.json", "log.jsonl", "metrics.json", "README.md",
+    "model", "adapter", "checkpoints",
+})
+# While `--overwrite` trains the replacement, the previous run waits here; it goes back in place if the
+# new run fails, is interrupted or its process dies, and is deleted only once the new run has saved.
+REPLACED = ".replaced-run"
+
+
+def _written_by_tunesmith(path: Path) -> bool:
+    name = path.name
+    return name in RUN_ENTRIES or name.endswith(".tmp") or name.startswith(".shared-check-")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before any model loads when `run_dir` cannot be created or written (a read-only disk, /proc,
+    a folder of another user's): the probe makes and removes a folder next to where the run would go."""
+    import tempfile
+
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output.dir: '{run_dir}' cannot be created: '{existing}' is a file, not a folder; choose another output.dir")
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".tunesmith-write-check-").cleanup()
+    except OSError as err:
+        raise ConfigError(
+            f"output.dir: cannot write to '{existing}' ({err.strerror or err}), so the run directory '{run_dir}' cannot be "
+            "made there; expected a folder you can write to; choose another output.dir, e.g. runs/my-run"
+        ) from None
+
+
 def check_run_dir(cfg: RunConfig) -> Path:
     """Fail fast, before data or models load, if the run directory would be overwritten (or is not safe to replace)."""
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output.dir: '{run_dir}' exists and is a file; choose another output.dir")
+    restore_replaced_run(run_dir)
     if run_dir.is_dir() and _entries(run_dir):
         if cfg.output.overwrite:
             check_replaceable(run_dir)
         elif is_run_dir(run_dir):
-            resumable = (run_dir / "checkpoints").is_dir() and not (run_dir / "metrics.json").exists()
-            raise ConfigError(
-                f"output.dir: '{run_dir}' already holds a run; "
-                + (f"continue it with `tunesmith train --resume {run_dir}`, " if resumable else "")
-                + "replace it with --overwrite (output.overwrite=true), or choose a new output.dir"
-            )
+            raise ConfigError(f"output.dir: '{run_dir}' already holds a run; " + _next_steps(run_dir))
         else:
             raise ConfigError(
                 f"output.dir: '{run_dir}' is not empty and holds no tunesmith run; expected a new or empty folder; choose "
                 "another output.dir (output.overwrite=true only replaces tunesmith runs)"
             )
+    check_writable(run_dir)
     return run_dir
 
 
-def create_run_dir(run_dir: Path, overwrite: bool) -> Path:
-    """Create (or, with `overwrite`, empty) the run directory and mark it as a tunesmith run."""
-    if run_dir.is_dir() and overwrite and _entries(run_dir):
-        import shutil
+def run_state(run_dir: Path) -> str:
+    """`finished`, `resumable` (stopped after a checkpoint), `unstarted` (stopped before its first checkpoint)."""
+    if (run_dir / "metrics.json").exists() and ((run_dir / "model").is_dir() or (run_dir / "adapter").is_dir()):
+        return "finished"
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(re.fullmatch(r"step-\d+", p.name) for p in checkpoints.iterdir()):
+        return "resumable"
+    return "unstarted"
 
+
+def _next_steps(run_dir: Path) -> str:
+    """The commands that work on an existing run directory, by what it holds."""
+    state = run_state(run_dir)
+    if state == "resumable":
+        return (f"it stopped before finishing; continue it with `tunesmith train --resume {run_dir}`, start it over with "
+                f"`tunesmith train {run_dir / 'config.yaml'} --overwrite`, or choose a new output.dir")
+    if state == "unstarted":
+        return (f"it stopped before its first checkpoint, so there is nothing to resume; start it over with "
+                f"`tunesmith train {run_dir / 'config.yaml'} --overwrite`, or choose a new output.dir")
+    return "replace it with --overwrite (output.overwrite=true; the old run is kept until the new one has saved), or choose a new output.dir"
+
+
+def create_run_dir(run_dir: Path, overwrite: bool) -> Path:
+    """Create the run directory and mark it as a tunesmith run. With `overwrite`, the previous run's files
+    are set aside (see `set_aside_previous_run`); the caller puts them back or deletes them."""
+    if run_dir.is_dir() and overwrite and _entries(run_dir):
         check_replaceable(run_dir)  # again here: callers other than `train` may skip `check_run_dir`
-        for child in _entries(run_dir):
-            # A symlink is removed, never followed: what it points at is not part of the run.
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        set_aside_previous_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_MARKER).write_text(MARKER_TEXT, encoding="utf-8")
     return run_dir
 
 
+def set_aside_previous_run(run_dir: Path) -> list[str]:
+    """Move what the previous run wrote into RUN_DIR/.replaced-run (renames, same file system: instant).
+    Returns the names of the entries left in place because tunesmith did not write them."""
+    backup = run_dir / REPLACED
+    backup.mkdir()
+    kept = []
+    for child in sorted(_entries(run_dir)):
+        if child.name == REPLACED:
+            continue
+        if _written_by_tunesmith(child):
+            os.replace(child, backup / child.name)
+        else:
+            kept.append(child.name + ("/" if child.is_dir() and not child.is_symlink() else ""))
+    if kept:
+        import logging
+
+        logging.getLogger("tunesmith").info(
+            "output.dir: replacing the run in '%s'; keeping %d entr%s tunesmith did not write: %s", run_dir, len(kept),
+            "y" if len(kept) == 1 else "ies", ", ".join(kept))
+    return kept
+
+
+def put_back_previous_run(run_dir: Path) -> bool:
+    """Undo `set_aside_previous_run`: remove what the unfinished new run wrote, move the previous run back.
+    False when there was nothing set aside."""
+    import shutil
+
+    backup = run_dir / REPLACED
+    if not backup.is_dir():
+        return False
+    for child in _entries(run_dir):
+        if child.name != REPLACED and _written_by_tunesmith(child):
+            # A symlink is removed, never followed: what it points at is not part of the run.
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    for child in backup.iterdir():
+        os.replace(child, run_dir / child.name)
+    backup.rmdir()
+    return True
+
+
+def drop_previous_run(run_dir: Path) -> None:
+    """The new run has saved: the previous one, set aside by `--overwrite`, can go."""
+    import shutil
+
+    shutil.rmtree(run_dir / REPLACED, ignore_errors=True)
+
+
+def restore_replaced_run(run_dir: Path) -> None:
+    """A process that died during an `--overwrite` (killed, out of memory, power cut) left the previous run
+    set aside: put it back, unless a live run is still writing the folder."""
+    if not (run_dir / REPLACED).is_dir():
+        return
+    from .lock import check_unlocked
+
+    check_unlocked(run_dir)
+    if put_back_previous_run(run_dir):
+        import logging
+
+        logging.getLogger("tunesmith").warning(
+            "output.dir: an --overwrite of '%s' did not finish (its process ended before saving); the previous run "
+            "was put back as it was", run_dir)
+
+
 def discard_new_run_dir(run_dir: Path, created: bool) -> None:
-    """Undo `create_run_dir` + `save_config` for a run refused before it trained: remove what they
-    wrote (and the folder, if they made it), so the same command can simply be run again. The run
-    lock's file goes too: this process still holds its flock until the run ends, and releasing it
-    only closes the descriptor when the file is gone."""
-    for name in (RUN_MARKER, "config.yaml", LOCK_NAME):
-        (run_dir / name).unlink(missing_ok=True)
+    """Undo `create_run_dir` + `save_config` for a run refused or stopped before its first checkpoint: remove
+    what tunesmith wrote (and the folder, if this run made it), so the same command can simply be run
+    again. The run lock's file goes too: this process still holds its flock until the run ends, and
+    releasing it only closes the descriptor when the file is gone."""
+    import shutil
+
+    for child in _entries(run_dir):
+        if _written_by_tunesmith(child):
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    (run_dir / LOCK_NAME).unlink(missing_ok=True)
     if created:
         try:
             run_dir.rmdir()
