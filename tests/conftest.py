@@ -16,7 +16,9 @@ from tiny import build_pretrained_tiny_bert, build_tiny_bert, sentiment_rows, wr
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    # Tokenization cache in a per-session folder: tests never read another run's cache.
+    # Tokenization cache and the cached bf16 measurement (precision.json) in a per-session folder: tests,
+    # and the runs they start, never read or overwrite the user's (set unconditionally: a TUNESMITH_CACHE
+    # in the shell is the user's cache).
     os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 

@@ -33,7 +33,7 @@ from .resume import check_fingerprint, fingerprint, plan_resume
 from .interrupt import StopSignals, TrainingInterrupted
 from .run import (
     check_run_dir, create_run_dir, discard_new_run_dir, drop_previous_run, model_card, provenance, put_back_previous_run,
-    restore_replaced_run, run_state, save_config, write_json,
+    finished_run_dir, run_state, save_config, write_json,
 )
 from .tasks import Task, get_task
 from .training import greater_is_better, run_evaluation, train_loop
@@ -546,7 +546,7 @@ class LoadedRun:
 
 def load(run_dir: str | os.PathLike) -> LoadedRun:
     """Load a run directory written by `train` (merged model, or base model + adapter)."""
-    run_dir = _finished_run(Path(run_dir))
+    run_dir = finished_run_dir(Path(run_dir))
     cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), str(run_dir / "config.yaml"))
     state = json.loads((run_dir / "task.json").read_text(encoding="utf-8"))
     task = get_task(state.pop("task"))
@@ -568,44 +568,6 @@ def load(run_dir: str | os.PathLike) -> LoadedRun:
         ) from None
     model.eval()
     return LoadedRun(run_dir, cfg, task, state, model, tokenizer)
-
-
-def _finished_run(run_dir: Path) -> Path:
-    """The folder that holds the finished run `run_dir` names, or a one-line error saying what it holds
-    instead and the command that gets it finished."""
-    from .lock import is_locked
-    from .run import REPLACED, is_run_dir
-
-    if not run_dir.exists():
-        raise ConfigError(f"run directory '{run_dir}' not found; pass the output.dir of a finished run (e.g. runs/my-run)")
-    if not run_dir.is_dir():
-        raise ConfigError(f"'{run_dir}' is a file; expected a run directory (the output.dir of a finished run)")
-    if (run_dir / REPLACED).is_dir():
-        if is_locked(run_dir):  # an --overwrite is training its replacement: the previous run is still the run
-            log.info("'%s' is being replaced by a run in progress; using the previous run until the new one has saved", run_dir)
-            return run_dir / REPLACED
-        restore_replaced_run(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        what = "an unfinished tunesmith run" if is_run_dir(run_dir) else "not a tunesmith run directory"
-        raise ConfigError(f"'{run_dir}' is {what} (no config.yaml); pass the output.dir of a finished run")
-    state = run_state(run_dir)
-    if state == "resumable" or (state == "unstarted" and not (run_dir / "task.json").exists()):
-        if is_locked(run_dir):
-            raise ConfigError(f"'{run_dir}' is still training (another tunesmith process holds it); wait for it to finish")
-        how = (f"continue it with `tunesmith train --resume {run_dir}`" if state == "resumable" else
-               f"it stopped before its first checkpoint; start it again with `tunesmith train {run_dir / 'config.yaml'} --overwrite`")
-        raise ConfigError(f"'{run_dir}' did not finish training, so it has no saved model yet; {how}")
-    if not (run_dir / "task.json").exists():
-        raise ConfigError(f"'{run_dir}/task.json' is missing; expected it next to config.yaml in a finished run; restore it "
-                          "from a copy, or train the run again")
-    model_dir = run_dir / "model"
-    if not (model_dir / "config.json").exists() and not (run_dir / "adapter").is_dir():
-        found = "is empty" if model_dir.is_dir() else "is missing"
-        raise ConfigError(f"'{model_dir}' {found}: expected the saved model there (or an adapter/ folder); restore it from a "
-                          "copy, or train the run again")
-    if not model_dir.is_dir():
-        raise ConfigError(f"'{model_dir}' is missing: expected the tokenizer saved there next to adapter/; restore it, or train the run again")
-    return run_dir
 
 
 def predict(run_dir: str | os.PathLike | LoadedRun, inputs: list, batch_size: int = 64, **options) -> list[dict]:

@@ -235,8 +235,13 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1, help="Evaluation batch size.")] = 64,
 ) -> None:
     """Evaluate a trained run on a labelled data file."""
-    try:
+    from .paths import check_data_path
+    from .run import finished_run_dir
+
+    try:  # before the seconds of imports: a mistyped path is reported at once
         _check_output(output)
+        finished_run_dir(run_dir)
+        check_data_path(data, "DATA")
     except TunesmithError as err:
         _fail(err)
     _setup_logging()
@@ -273,8 +278,13 @@ def predict(
     """Predict for texts given with --text, in a file (--input), or as lines on stdin (or a CSV with the run's
     text column); question answering: --question with --context, or a file with question and context columns
     (or SQuAD JSON)."""
-    try:
+    from .run import finished_run_dir
+
+    try:  # before the seconds of imports: a mistyped path is reported at once
         _check_output(output)
+        finished_run_dir(run_dir)
+        if input_file is not None and not input_file.exists():
+            raise TunesmithError(f"--input: file '{input_file}' not found; check the path")
         if as_json and output_format != "jsonl":
             raise TunesmithError(f"--json writes one JSON array; it cannot be combined with --format {output_format}; drop one of them")
     except TunesmithError as err:
@@ -359,10 +369,22 @@ def config_show(config: Annotated[Optional[Path], typer.Argument()] = None, over
     """Print the fully resolved config (defaults filled in)."""
     from .config import dump_config, load_config
 
+    if _looks_like_override(config):
+        config, overrides = None, [str(config), *(overrides or [])]
+    notes: list[str] = []
     try:
-        print(dump_config(load_config(config, overrides or [])), end="")
+        cfg = load_config(config, overrides or [], notes=notes)
     except TunesmithError as err:
         _fail(err)
+    _print_notes(notes)  # on stderr: stdout stays YAML
+    print(dump_config(cfg), end="")
+
+
+def _print_notes(notes: list[str]) -> None:
+    from rich.text import Text
+
+    for line in notes:
+        console.print(Text.assemble(("note:", "cyan"), " ", line), highlight=False, soft_wrap=True)
 
 
 @config_app.command("validate")
@@ -371,10 +393,12 @@ def config_validate(config: Path, overrides: Overrides = None) -> None:
     from .config import load_config
     from .paths import check_data_paths
 
+    notes: list[str] = []
     try:
-        check_data_paths(load_config(config, overrides or []).data)
+        check_data_paths(load_config(config, overrides or [], notes=notes).data)
     except TunesmithError as err:
         _fail(err)
+    _print_notes(notes)
     from rich.text import Text
 
     console.print(Text.assemble(("ok:", "green"), f" {config} is valid"), highlight=False, soft_wrap=True)

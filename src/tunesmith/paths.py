@@ -78,3 +78,14 @@ def check_data_paths(data) -> None:
         value = getattr(data, key)
         if value:
             check_data_path(value, f"data.{key}")
+
+
+def cache_root() -> Path:
+    """tunesmith's cache folder (tokenized data, the precision decision): `$TUNESMITH_CACHE`, else
+    `$XDG_CACHE_HOME/tunesmith`, else `~/.cache/tunesmith`."""
+    root = os.environ.get("TUNESMITH_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec says to ignore a relative path; a relative cache would move with the working directory.
+    return Path(xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")) / "tunesmith"

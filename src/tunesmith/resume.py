@@ -55,12 +55,23 @@ def fingerprint(cfg: RunConfig, tables: dict) -> dict:
     return {"config": _comparable(cfg), "config_sha256": config_hash, "data_sha256": data}
 
 
+def _changed_keys(saved: dict, current: dict) -> list[str]:
+    """Config keys that differ from the checkpoint's. A key added to the schema after the checkpoint was
+    written is no change while it keeps its default (the run used what the default does)."""
+    old, new = saved.get("config"), current["config"]
+    if not old:
+        return ["(the checkpoint records no config)"]
+    defaults = _comparable(RunConfig())
+    return sorted(k for k in set(old) | set(new)
+                  if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k]))
+
+
 def check_fingerprint(checkpoint: Checkpoint, current: dict) -> None:
     saved = checkpoint.state
-    if saved.get("config_sha256") != current["config_sha256"]:
+    changed = _changed_keys(saved, current) if saved.get("config_sha256") != current["config_sha256"] else []
+    if changed:
         old, new = saved.get("config", {}), current["config"]
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8]) or "unknown keys"
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
         raise ConfigError(
             f"--resume: the config differs from the run's ({detail}); an exact resume needs the same settings. "
             "Resume without changes, or start a new run in another output.dir"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -201,8 +202,6 @@ def set_aside_previous_run(run_dir: Path) -> list[str]:
         else:
             kept.append(child.name + ("/" if child.is_dir() and not child.is_symlink() else ""))
     if kept:
-        import logging
-
         logging.getLogger("tunesmith").info(
             "output.dir: replacing the run in '%s'; keeping %d entr%s tunesmith did not write: %s", run_dir, len(kept),
             "y" if len(kept) == 1 else "ies", ", ".join(kept))
@@ -243,11 +242,46 @@ def restore_replaced_run(run_dir: Path) -> None:
 
     check_unlocked(run_dir)
     if put_back_previous_run(run_dir):
-        import logging
-
         logging.getLogger("tunesmith").warning(
             "output.dir: an --overwrite of '%s' did not finish (its process ended before saving); the previous run "
             "was put back as it was", run_dir)
+
+
+def finished_run_dir(run_dir: Path) -> Path:
+    """The folder that holds the finished run `run_dir` names, or a one-line error saying what it holds
+    instead and the command that gets it finished."""
+    from .lock import is_locked
+
+    if not run_dir.exists():
+        raise ConfigError(f"run directory '{run_dir}' not found; pass the output.dir of a finished run (e.g. runs/my-run)")
+    if not run_dir.is_dir():
+        raise ConfigError(f"'{run_dir}' is a file; expected a run directory (the output.dir of a finished run)")
+    if (run_dir / REPLACED).is_dir():
+        if is_locked(run_dir):  # an --overwrite is training its replacement: the previous run is still the run
+            logging.getLogger("tunesmith").info("'%s' is being replaced by a run in progress; using the previous run until the new one has saved", run_dir)
+            return run_dir / REPLACED
+        restore_replaced_run(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        what = "an unfinished tunesmith run" if is_run_dir(run_dir) else "not a tunesmith run directory"
+        raise ConfigError(f"'{run_dir}' is {what} (no config.yaml); pass the output.dir of a finished run")
+    state = run_state(run_dir)
+    if state == "resumable" or (state == "unstarted" and not (run_dir / "task.json").exists()):
+        if is_locked(run_dir):
+            raise ConfigError(f"'{run_dir}' is still training (another tunesmith process holds it); wait for it to finish")
+        how = (f"continue it with `tunesmith train --resume {run_dir}`" if state == "resumable" else
+               f"it stopped before its first checkpoint; start it again with `tunesmith train {run_dir / 'config.yaml'} --overwrite`")
+        raise ConfigError(f"'{run_dir}' did not finish training, so it has no saved model yet; {how}")
+    if not (run_dir / "task.json").exists():
+        raise ConfigError(f"'{run_dir}/task.json' is missing; expected it next to config.yaml in a finished run; restore it "
+                          "from a copy, or train the run again")
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.json").exists() and not (run_dir / "adapter").is_dir():
+        found = "is empty" if model_dir.is_dir() else "is missing"
+        raise ConfigError(f"'{model_dir}' {found}: expected the saved model there (or an adapter/ folder); restore it from a "
+                          "copy, or train the run again")
+    if not model_dir.is_dir():
+        raise ConfigError(f"'{model_dir}' is missing: expected the tokenizer saved there next to adapter/; restore it, or train the run again")
+    return run_dir
 
 
 def discard_new_run_dir(run_dir: Path, created: bool) -> None:

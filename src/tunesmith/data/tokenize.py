@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import datasets
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TUNESMITH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tunesmith")
-    path = Path(root) / "tokenized"
+    from ..paths import cache_root
+
+    path = cache_root() / "tokenized"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
