@@ -236,6 +236,15 @@ def _numeric(column: list[str]) -> list | None:
     values = [number(s) for s in column if s != ""]
     if not values or any(v is None for v in values):
         return None
+    # pandas reads integers as int64, as uint64 when all are >= 0, else (and beside floats) as float64: a
+    # column where that loses an integer's digits stays text.
+    ints = [v for v in values if isinstance(v, int)]
+    if any(isinstance(v, float) for v in values):
+        exact = all(int(float(i)) == i for i in ints)
+    else:
+        exact = all(-(2**63) <= i < 2**63 for i in ints) or all(0 <= i < 2**64 for i in ints)
+    if not exact:
+        return None
     return [None if s == "" else number(s) for s in column]
 
 
@@ -252,6 +261,30 @@ def test_delimited_round_trip(cells, sep, newline):
             expected = _numeric(values) or [_expected_cell(v) for v in values]
             found = table.frame[column].tolist()
             assert all(_same(f, e) for f, e in zip(found, expected)), (column, found, expected)
+
+
+@FUZZ
+@given(
+    cells=st.lists(st.tuples(TEXT, LABEL), min_size=1, max_size=8),
+    sep=st.sampled_from([",", "\t", ";", "|"]),
+    suffix=st.sampled_from([".csv", ".tsv", ".txt"]),
+)
+@example(cells=[("a, b", "pos"), ("c", "neg")], sep="\t", suffix=".csv")  # a TSV named .csv: "Expected 1 fields in line 2"
+@example(cells=[("20000000000000000001", "pos")], sep=",", suffix=".csv")  # past uint64: read as the float 2e+19
+def test_header_delimiter_round_trip(cells, sep, suffix):
+    """Whatever the suffix, a file written with one delimiter (fields holding it quoted) reads back its rows,
+    with a note when that delimiter is not the suffix's."""
+    data = _csv_bytes([["text", "label"], *map(list, cells)], sep)
+    with _file("train" + suffix, data) as path:
+        table = outcome(read_file, path)
+        assert isinstance(table, Table), table
+        assert len(table.frame) == len(cells) and list(table.frame.columns) == ["text", "label"]
+        for column, values in (("text", [t for t, _ in cells]), ("label", [lab for _, lab in cells])):
+            expected = _numeric(values) or [_expected_cell(v) for v in values]
+            found = table.frame[column].tolist()
+            assert all(_same(f, e) for f, e in zip(found, expected)), (column, found, expected)
+        default = "," if suffix == ".csv" else "\t"
+        assert len(table.notes) == (sep != default) and all(n.startswith(f"{path}: read as ") for n in table.notes)
 
 
 @FUZZ

@@ -582,6 +582,8 @@ def evaluate(run_dir: str | os.PathLike | LoadedRun, data: str | os.PathLike, ba
     """Metrics of a trained run on a labelled data file (same columns as training)."""
     loaded = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir)
     table = loaded.task.reader(loaded.config.task)(data, loaded.config.data.encoding, "DATA")
+    for line in table.notes:
+        log.info(line)
     loaded.task.preflight_eval(loaded.config.task, loaded.state, table)
     dataset = loaded.task.encode(loaded.config.task, table, loaded.tokenizer, loaded.state)
     # Class weights shape the training loss only; evaluation reports the plain loss.

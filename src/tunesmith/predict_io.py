@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import sys
 from pathlib import Path
 
 from .config import RunConfig
-from .data.loaders import _decode
+from .data.loaders import DELIMITERS, Table, _decode, read_delimited_text
 from .errors import DataError, summarise
+
+STDIN = "stdin"  # how messages name piped input
 
 
 def _split_pair(line: str, has_pair: bool) -> str | tuple[str, str]:
@@ -38,23 +42,7 @@ def read_inputs(
         lines = list(texts)
     elif input_file is not None and input_file.suffix.lower() != ".txt":
         table = _reader(cfg)(input_file, cfg.data.encoding, "--input")
-        column = "tokens" if "fields" in table.frame.columns else tokens_column  # CoNLL files: their token column
-        if column and column in table.frame.columns:
-            inputs = [[str(t) for t in tokens] for tokens in table.frame[column]]
-            return inputs, [{} for _ in inputs]
-        if text_column not in table.frame.columns:
-            raise DataError(
-                f"{input_file}: missing column '{text_column}' (the run's task.text_column); columns found: "
-                + ", ".join(map(str, table.frame.columns))
-                + f"; rename the text column to '{text_column}', or pass a .txt file with one text per line"
-            )
-        frame = table.frame.fillna("")
-        if pair_column and pair_column in frame.columns:
-            inputs = list(zip(frame[text_column].astype(str), frame[pair_column].astype(str)))
-            records = [{text_column: a, pair_column: b} for a, b in inputs]
-            return inputs, records
-        inputs = frame[text_column].astype(str).tolist()
-        return inputs, [{text_column: t} for t in inputs]
+        return _table_inputs(table, str(input_file), text_column, pair_column, tokens_column)
     elif input_file is not None:
         if not input_file.exists():
             raise DataError(f"--input: file '{input_file}' not found; check the path")
@@ -62,13 +50,59 @@ def read_inputs(
     else:
         if sys.stdin.isatty():
             raise DataError("no input: pass --text 'some text', --input FILE, or pipe lines on stdin")
-        lines = sys.stdin.read().splitlines()
+        piped = sys.stdin.read().removeprefix("\ufeff")
+        if _table_header(piped, text_column):
+            # `cat new.csv | tunesmith predict RUN`: the file's rows, as --input new.csv reads them, not its lines.
+            table = read_delimited_text(piped, STDIN, ",")
+            return _table_inputs(table, STDIN, text_column, pair_column, tokens_column)
+        lines = piped.splitlines()
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise DataError("no input texts: expected at least one non-empty line, found only empty lines; pass some text")
     inputs = [_split_pair(line, bool(pair_column)) for line in lines]
     records = [{text_column: x} if isinstance(x, str) else {text_column: x[0], pair_column: x[1]} for x in inputs]
     return inputs, records
+
+
+def _table_header(text: str, text_column: str) -> bool:
+    """Whether piped text starts with a CSV/TSV header naming the run's text column (`text,label`,
+    `id<TAB>text`, or just `text` above one text per line), rather than with a text to predict for."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    for sep in DELIMITERS:
+        try:
+            header = next(csv.reader([first], delimiter=sep), [])
+        except csv.Error:
+            continue
+        # Column names carry no surrounding spaces: a text such as `text, or not` is not a header.
+        names_only = all(name == name.strip() for name in header)
+        if text_column in header and names_only and (len(header) > 1 or first.strip() == text_column):
+            return True
+    return False
+
+
+def _table_inputs(
+    table: Table, source: str, text_column: str, pair_column: str | None, tokens_column: str | None
+) -> tuple[list, list[dict]]:
+    """Inputs and echoed records from a table (an --input file, or a table piped on stdin)."""
+    for line in table.notes:
+        logging.getLogger("tunesmith").info(line)
+    column = "tokens" if "fields" in table.frame.columns else tokens_column  # CoNLL files: their token column
+    if column and column in table.frame.columns:
+        inputs = [[str(t) for t in tokens] for tokens in table.frame[column]]
+        return inputs, [{} for _ in inputs]
+    if text_column not in table.frame.columns:
+        raise DataError(
+            f"{source}: missing column '{text_column}' (the run's task.text_column); columns found: "
+            + ", ".join(map(str, table.frame.columns))
+            + f"; rename the text column to '{text_column}', or pass a .txt file with one text per line"
+        )
+    frame = table.frame.fillna("")
+    if pair_column and pair_column in frame.columns:
+        inputs = list(zip(frame[text_column].astype(str), frame[pair_column].astype(str)))
+        records = [{text_column: a, pair_column: b} for a, b in inputs]
+        return inputs, records
+    inputs = frame[text_column].astype(str).tolist()
+    return inputs, [{text_column: t} for t in inputs]
 
 
 def _question_inputs(

@@ -18,6 +18,7 @@ import unicodedata
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import pandas as pd
@@ -27,11 +28,14 @@ from ..errors import DataError, shown
 TABLE_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet", ".pq", ".txt"}
 
 
+
 @dataclass
 class Table:
     frame: pd.DataFrame
     source: str
     row_label: Callable[[int], str]
+    # What reading decided on the user's behalf (e.g. the delimiter it detected), for the run's log.
+    notes: list[str] = dataclass_field(default_factory=list)
 
     def where(self, index: int) -> str:
         return f"{self.source} {self.row_label(index)}"
@@ -128,6 +132,15 @@ def _plain_number(text: str) -> bool:
         return False
 
 
+def _kept_digits(text: str, value) -> bool:
+    """Whether a number read from `text` keeps every digit of an integer: past the int64/uint64 range pandas
+    falls back to floats, and an id such as 20000000000000000001 would come back as 2e+19 (it stays text)."""
+    try:
+        return int(text) == int(value)
+    except ValueError:  # a float written as such ("0.25", "inf"): a float is what it says
+        return True
+
+
 def _too_many_fields(text: str, sep: str) -> str | None:
     """Where the first row with more fields than the header is (pandas names a later line when the first
     such row made it take the first column for an index)."""
@@ -139,30 +152,126 @@ def _too_many_fields(text: str, sep: str) -> str | None:
     return None
 
 
-def _unparsable(path: Path, kind: str, detail: str) -> str:
+# Delimiters a header may use instead of the one the suffix implies (.csv: comma; .tsv/.txt: tab).
+DELIMITERS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+_PLURAL = {",": "commas", "\t": "tabs", ";": "semicolons", "|": "pipes"}
+_KIND = {",": "CSV", "\t": "TSV", ";": "semicolon-separated CSV", "|": "pipe-separated CSV"}
+_SNIFF_CHARS = 64 * 1024  # the header and the first lines are enough to tell; the rest need not be parsed twice
+_SNIFF_ROWS = 20
+
+
+def _sample_records(text: str, sep: str) -> list[list[str]]:
+    """The header and the first data records of `text` split at `sep` (quotes honoured)."""
+    sample = text[:_SNIFF_CHARS]
+    if len(text) > _SNIFF_CHARS and "\n" in sample:
+        sample = sample[: sample.rindex("\n")]  # no half line at the end of the sample
+    records = []
+    for _, row in _csv_records(sample, sep):
+        records.append(row)
+        if len(records) > _SNIFF_ROWS:
+            break
+    return records
+
+
+def _header_uses(text: str, sep: str) -> bool:
+    """Whether the header splits into two or more columns at `sep`."""
+    records = _sample_records(text, sep)
+    return bool(records) and len(records[0]) > 1 and any(name.strip() for name in records[0])
+
+
+def _confirmed(text: str, sep: str) -> bool:
+    """Whether `sep` splits the header into columns and the first data lines agree: none has more fields
+    than the header, most have as many (a short row is legal; a longer one means `sep` is text there)."""
+    records = _sample_records(text, sep)
+    if len(records) < 2 or not _header_uses(text, sep):
+        return False
+    width, rows = len(records[0]), records[1:]
+    return all(len(r) <= width for r in rows) and 2 * sum(len(r) == width for r in rows) >= len(rows)
+
+
+def detect_delimiter(text: str, default: str) -> str:
+    """The delimiter to read `text` with: `default` (what the suffix says), unless the header has none of
+    it and exactly one other delimiter (tab, semicolon, pipe, comma) splits the header and its first lines
+    alike. Counting fields per line, rather than `csv.Sniffer`, keeps the header decisive: Sniffer weighs
+    every character's frequency over the sample and may pick a `;` of the prose, or raise on a short file."""
+    if _header_uses(text, default):
+        return default
+    found = [sep for sep in DELIMITERS if sep != default and _confirmed(text, sep)]
+    return found[0] if len(found) == 1 else default  # ambiguous: keep the suffix's delimiter
+
+
+def _other_delimiter_advice(text: str, sep: str) -> str | None:
+    """For text that failed to parse at `sep` whose header has none of it but another delimiter: what it
+    looks like and how to fix it (None when the header gives no such clue)."""
+    if _header_uses(text, sep):
+        return None
+    others = [other for other in DELIMITERS if other != sep and _header_uses(text, other)]
+    if len(others) > 1:
+        return (
+            f"its header has {' and '.join(_PLURAL[o] for o in others)} but no {_PLURAL[sep]}, so its delimiter is "
+            "ambiguous; expected one delimiter between the columns: separate them with one delimiter only"
+        )
+    if not others:
+        return None
+    other = others[0]
+    name, plural, width = DELIMITERS[other], _PLURAL[other], 0
+    looks = f"it looks {name}-separated (its header has {plural}, no {_PLURAL[sep]})"
+    for line, row in _csv_records(text, other):
+        if not width:
+            width = len(row)
+        elif len(row) > width:
+            return (
+                f"{looks}, but line {line} has {len(row)} {name}-separated fields and the header {width}; expected as many "
+                f"fields on every line as in the header: quote the fields that contain {plural} on line {line} (or remove "
+                f"the stray {name}), and the file is read as {name}-separated"
+            )
     return (
-        f"{path}: cannot parse as {kind} ({detail}); expected as many fields on every line as in the header; "
-        f"quote fields that contain {'tabs' if kind == 'TSV' else 'commas'} or line breaks"
+        f"{looks}, but most of its first lines have fewer {name}-separated fields than the header; expected as many "
+        f"fields on every line as in the header: give every line all its fields, and the file is read as {name}-separated"
     )
 
 
-def _read_delimited(path: Path, text: str, sep: str) -> Table:
-    kind = "TSV" if sep == "\t" else "CSV"
+def _unparsable(path: Path | str, text: str, sep: str, detail: str) -> str:
+    advice = _other_delimiter_advice(text, sep)
+    if advice:  # the header says which delimiter the user meant: advice about `sep` would mislead
+        return f"{path}: cannot parse as {_KIND[sep]} ({detail}); {advice}"
+    return (
+        f"{path}: cannot parse as {_KIND[sep]} ({detail}); expected as many fields on every line as in the header; "
+        f"quote fields that contain {_PLURAL[sep]} or line breaks"
+    )
+
+
+def read_delimited_text(text: str, source: Path | str, default_sep: str = ",") -> Table:
+    """Delimited text (a file's, or stdin's) as a checked Table: read at `default_sep`, or at the delimiter
+    its header clearly uses instead (noted in `Table.notes`)."""
+    sep = detect_delimiter(text, default_sep)
+    table = _checked(_read_delimited(source, text, sep), Path(source))
+    if sep != default_sep:
+        # Kept on the table; whoever reads it logs it (train's run summary, eval, predict), once.
+        table.notes.append(f"{source}: read as {DELIMITERS[sep]}-separated (its header has {_PLURAL[sep]}, no {_PLURAL[default_sep]})")
+    return table
+
+
+def _read_delimited(path: Path | str, text: str, sep: str) -> Table:
     try:
         frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=object, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; expected a header line and at least one row") from None
     except (pd.errors.ParserError, csv.Error) as err:
         detail = _one_line(err).removeprefix("Error tokenizing data. C error: ")
-        raise DataError(_unparsable(path, kind, _too_many_fields(text, sep) or detail)) from None
+        raise DataError(_unparsable(path, text, sep, _too_many_fields(text, sep) or detail)) from None
     if not isinstance(frame.index, pd.RangeIndex):
         # Rows with one field more than the header: pandas would silently take the first column for an index.
-        raise DataError(_unparsable(path, kind, _too_many_fields(text, sep) or "more fields than the header"))
+        detail = _too_many_fields(text, sep) or "more fields than the header"
+        raise DataError(_unparsable(path, text, sep, detail))
     # Numbers stay numbers where a whole column is numeric: labels 0/1 and regression targets.
     for column in frame.columns:
         converted = pd.to_numeric(frame[column], errors="coerce")
         present = frame[column].dropna()
-        if converted.notna().sum() == len(present) and len(present) and all(_plain_number(v) for v in present):
+        if (
+            converted.notna().sum() == len(present) and len(present) and all(_plain_number(v) for v in present)
+            and all(_kept_digits(v, converted[i]) for i, v in present.items())
+        ):
             frame[column] = converted
     # Header is line 1; a row's line is index + 2 unless blank lines or quoted multi-line fields shift it:
     # the exact line is worked out only when an error needs it.
@@ -300,7 +409,7 @@ def read_file(path: str | Path, encoding: str = "utf-8", field: str = "data.trai
     elif suffix == ".json":
         table = _read_json(path, text)
     else:
-        table = _read_delimited(path, text, "\t" if suffix in {".tsv", ".txt"} else ",")
+        return read_delimited_text(text, path, "\t" if suffix in {".tsv", ".txt"} else ",")
     return _checked(table, path)
 
 

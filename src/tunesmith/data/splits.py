@@ -94,7 +94,7 @@ def make_splits(
 ) -> tuple[dict[str, Table], list[str]]:
     """Load tables and carve out missing splits. Returns the tables and notes for the log."""
     tables = load_tables(cfg, reader)
-    notes = []
+    notes = list(dict.fromkeys(n for table in tables.values() for n in table.notes))  # e.g. a TSV named .csv
     key = stratify_key or (lambda frame: None)
     if "test" not in tables and cfg.test_split > 0:
         tables["train"], tables["test"] = _carve(tables["train"], cfg.test_split, seed, _safe_key(key, tables["train"]), "test")

@@ -8,8 +8,11 @@ and `is_impossible`. Rows are named as the user finds them: `record 'id' (data[0
 
 Only the structure is checked here (every level has the right type, answers are objects with a text
 and an integer offset); whether an offset points at its text, and empty questions, are the task's
-preflight. Any malformed input, whatever the bytes, is a `DataError` naming the file, the place and
-the fix — never a traceback.
+preflight. Only training data needs offsets (the labels are spans); a file read for evaluation or
+prediction (any other config field) may lack them or have wrong ones, since SQuAD metrics compare answer
+texts: there a missing or invalid `answer_start` is read as None and the task locates the text.
+Any malformed input, whatever the bytes, is a `DataError` naming the file, the place and the fix —
+never a traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..errors import DataError, summarise
 from .loaders import Table, _decode, _existing_file, _json_loads, read_file
 
 SQUAD_COLUMNS = ("id", "title", "question", "context", "answers", "is_impossible")
+TRAINING_FIELD = "data.train_file"  # the one file whose answer offsets become labels
 SHAPE = '{"data": [{"title": ..., "paragraphs": [{"context": ..., "qas": [{"id", "question", "answers": [{"text", "answer_start"}]}]}]}]}'
 
 
@@ -39,7 +43,7 @@ def read_squad(path: str | Path, encoding: str = "utf-8", field: str = "data.tra
     payload = _parse(path, _decode(path, encoding))
     if not is_squad(payload):
         raise DataError(f"{path}: expected SQuAD JSON {SHAPE}, found {_shape(payload)}; reshape the file, or give flat JSONL rows")
-    return squad_table(payload, str(path))
+    return squad_table(payload, str(path), offsets=field == TRAINING_FIELD)
 
 
 def read_questions(path: str | Path, encoding: str = "utf-8", field: str = "data.train_file") -> Table:
@@ -52,7 +56,9 @@ def read_questions(path: str | Path, encoding: str = "utf-8", field: str = "data
         payload = _json_loads(text, str(candidate), "write SQuAD JSON or a list of records")
     except json.JSONDecodeError:
         return read_file(path, encoding, field)  # its messages name the broken line (and read JSON Lines)
-    return squad_table(payload, str(candidate)) if is_squad(payload) else read_file(path, encoding, field)
+    if not is_squad(payload):
+        return read_file(path, encoding, field)
+    return squad_table(payload, str(candidate), offsets=field == TRAINING_FIELD)
 
 
 def _parse(path: Path, text: str):
@@ -100,8 +106,9 @@ def _found(value) -> str:
     return f"{type(value).__name__} {value!r:.60}"
 
 
-def squad_table(payload: dict, source: str) -> Table:
-    """The rows of a SQuAD-shaped document; every structural problem is reported (summarised) at once."""
+def squad_table(payload: dict, source: str, offsets: bool = True) -> Table:
+    """The rows of a SQuAD-shaped document; every structural problem is reported (summarised) at once.
+    Without `offsets` (evaluation data), an answer's `answer_start` may be missing or invalid: None."""
     rows, labels, problems = [], [], []
     for a, article in enumerate(payload["data"]):
         at = f"data[{a}]"
@@ -117,7 +124,7 @@ def squad_table(payload: dict, source: str) -> Table:
                 problems.append(_paragraph_problem(source, at, paragraph))
                 continue
             for q, qa in enumerate(paragraph["qas"]):
-                row, label, problem = _question(source, f"{at}.qas[{q}]", qa, title, paragraph["context"])
+                row, label, problem = _question(source, f"{at}.qas[{q}]", qa, title, paragraph["context"], offsets)
                 if problem:
                     problems.append(problem)
                 else:
@@ -145,7 +152,7 @@ def _paragraph_problem(source: str, at: str, paragraph) -> str:
     )
 
 
-def _question(source: str, at: str, qa, title: str, context: str) -> tuple[dict, str, str | None]:
+def _question(source: str, at: str, qa, title: str, context: str, offsets: bool = True) -> tuple[dict, str, str | None]:
     """(row, row label, problem): a question record as a row, or the first thing wrong with it."""
     if not isinstance(qa, dict):
         return {}, "", f"{source} {at}: expected a question object with 'question' and 'answers', found {_found(qa)}; fix or remove it"
@@ -171,7 +178,8 @@ def _question(source: str, at: str, qa, title: str, context: str) -> tuple[dict,
     else:
         columns = {"text": [], "answer_start": []}
         for k, item in enumerate(answers):
-            if not isinstance(item, dict) or not _text(item.get("text")) or _offset(item.get("answer_start")) is None:
+            bad_offset = offsets and _offset(item.get("answer_start") if isinstance(item, dict) else None) is None
+            if not isinstance(item, dict) or not _text(item.get("text")) or bad_offset:
                 found = _found(item) if not isinstance(item, dict) else (
                     f"text {_found(item.get('text'))}, answer_start {_found(item.get('answer_start'))}"
                 )
@@ -180,7 +188,7 @@ def _question(source: str, at: str, qa, title: str, context: str) -> tuple[dict,
                     f"found {found}; fix the answer or remove it"
                 )
             columns["text"].append(item["text"])
-            columns["answer_start"].append(_offset(item["answer_start"]))
+            columns["answer_start"].append(_offset(item.get("answer_start")))  # None: evaluation data, located by text
     row = {"id": qid if qid is not None else at, "title": title, "question": qa["question"], "context": context,
            "answers": columns, "is_impossible": impossible}
     return row, label, None

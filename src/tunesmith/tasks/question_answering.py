@@ -5,6 +5,12 @@ question, a context and `answers` (`{"text": [...], "answer_start": [...]}`, cha
 string in a CSV cell). Questions without answers (v2 `is_impossible`, or empty answer lists) make the run
 SQuAD v2 (`task.version_2_with_negative: auto`): the model may then answer nothing.
 
+Answer offsets: an `answer_start` that points at its text once surrounding whitespace is stripped from
+both (the official dev sets hold answers such as `" 1990"` whose offset is a character early) is repaired
+with a note; other wrong offsets in training data are errors unless `task.repair`. Evaluation data
+(validation, test, `tunesmith eval`) needs only the answer texts, as the metrics compare texts: a missing
+or wrong offset there is replaced by the occurrence of the text nearest to it, with a note.
+
 Contexts longer than a window become overlapping windows (`qa.encode_windows`: the tokenizer's overflow
 with `doc_stride` tokens of overlap and its offset mapping). A window's labels are the answer's first
 and last tokens when it holds the whole answer, else its CLS token. Evaluation folds every batch of
@@ -17,10 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
@@ -36,6 +43,7 @@ from ..metrics.question_answering import SpanAccumulator, best_null_threshold, s
 from .base import Task
 
 ANSWERS_SHAPE = '{"text": ["<answer>"], "answer_start": [<character offset>]}'
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +53,11 @@ class Example:
     context: str
     answers: list[tuple[str, int]]  # (text, character offset); empty: the question has no answer
     where: str
+    # Answers whose offset was fixed while reading, each as (answer number, text, offset as given, text, offset):
+    # `trimmed` differed from the context only by surrounding whitespace; `located` (evaluation data) had a
+    # missing or wrong offset and was found by its text.
+    trimmed: list[tuple] = field(default_factory=list)
+    located: list[tuple] = field(default_factory=list)
 
 
 @dataclass
@@ -84,17 +97,23 @@ def _offset(value) -> int | None:
     return None
 
 
-def _parse_answers(value, where: str, column: str) -> tuple[list[tuple[str, int]] | None, str | None]:
-    """(answers as (text, offset) pairs, problem)."""
+def _parse_answers(
+    value, where: str, column: str, offsets: bool = True
+) -> tuple[list[tuple[str, int | None]] | None, str | None]:
+    """(answers as (text, offset) pairs, problem). Without `offsets` (evaluation data, scored by answer
+    text only) a missing or invalid `answer_start` is an offset of None, to be located by the text."""
     fix = f"expected {ANSWERS_SHAPE} (empty lists for a question without answer)"
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except (json.JSONDecodeError, RecursionError):
             return None, f"{where}: column '{column}' is {value!r:.80}, not JSON; {fix}"
-    if not isinstance(value, dict) or "text" not in value or "answer_start" not in value:
+    if not isinstance(value, dict) or "text" not in value or ("answer_start" not in value and offsets):
         return None, f"{where}: column '{column}' is {value!r:.80}; {fix}"
-    texts, starts = _as_list(value["text"]), _as_list(value["answer_start"])
+    texts = _as_list(value["text"])
+    starts = _as_list(value["answer_start"]) if "answer_start" in value else []
+    if not offsets and len(texts) != len(starts):
+        starts = [None] * len(texts)  # offsets that cannot be paired with the texts: locate every text
     if len(texts) != len(starts):
         return None, (
             f"{where}: column '{column}' has {len(texts)} answer texts but {len(starts)} answer_start offsets; "
@@ -104,7 +123,7 @@ def _parse_answers(value, where: str, column: str) -> tuple[list[tuple[str, int]
     for k, (text, start) in enumerate(zip(texts, starts), start=1):
         if not isinstance(text, str) or not text.strip():
             return None, f"{where}: answer {k} has text {text!r:.60}; expected the answer as it appears in the context; fill it in or remove the answer"
-        if _offset(start) is None:
+        if _offset(start) is None and offsets:
             return None, f"{where}: answer {k} ({text!r:.60}) has answer_start {start!r:.30}; expected a character offset >= 0 (an integer)"
         answers.append((text, _offset(start)))
     return answers, None
@@ -134,19 +153,43 @@ def _nearest(context: str, text: str, start: int) -> int | None:
     return min(found, key=lambda p: (abs(p - start), p)) if found else None
 
 
-def _check_offsets(example: Example, repair: bool) -> tuple[Example, list[str], list[str], int]:
-    """(example with repaired offsets, problems, offset mismatches, number repaired)."""
+def _trimmed(context: str, text: str, start: int) -> tuple[str, int] | None:
+    """(text, offset) of the answer once surrounding whitespace is stripped from the text and from the
+    context where `start` points, when that is all that differs: `start` at a space before the word, a
+    text with a leading or trailing space, or both (`" 1990"` with its offset one character early)."""
+    core = text.strip()
+    for claimed in dict.fromkeys((start, start + len(text) - len(text.lstrip()))):  # at the text, or at its first non-space
+        position = claimed
+        while position < len(context) and context[position].isspace():
+            position += 1
+        if context.startswith(core, position):
+            return core, position
+    return None
+
+
+def _check_offsets(example: Example, repair: bool, offsets: bool = True) -> tuple[Example, list[str], list[str], int]:
+    """(example with repaired offsets, problems, offset mismatches, number repaired by `task.repair`).
+    Without `offsets` (evaluation data) a missing or wrong offset is no mismatch: the text is located."""
     problems, mismatches, answers, repaired = [], [], [], 0
+    trimmed, located = [], []
     for k, (text, start) in enumerate(example.answers, start=1):
-        if example.context[start : start + len(text)] == text:
+        if start is not None and example.context[start : start + len(text)] == text:
             answers.append((text, start))
             continue
-        nearest = _nearest(example.context, text, start)
+        fixed = _trimmed(example.context, text, start) if start is not None else None
+        if fixed is not None:
+            answers.append(fixed)
+            trimmed.append((k, text, start) + fixed)
+            continue
+        nearest = _nearest(example.context, text, start or 0)
         if nearest is None:
             problems.append(
                 f"{example.where}: answer {k} {text!r:.60} does not occur in the context; expected a span of the context "
                 "(same spelling and case); fix the answer text, or remove the answer"
             )
+        elif not offsets:
+            answers.append((text, nearest))
+            located.append((k, text, start, text, nearest))
         elif repair:
             answers.append((text, nearest))
             repaired += 1
@@ -156,13 +199,15 @@ def _check_offsets(example: Example, repair: bool) -> tuple[Example, list[str], 
                 f"{example.where}: answer {k} {text!r:.60} has answer_start {start}, but the context there reads {there!r:.60}; "
                 f"expected the offset of the text (nearest occurrence: {nearest}); fix it, or set task.repair=true"
             )
-    return Example(example.id, example.question, example.context, answers, example.where), problems, mismatches, repaired
+    fixed = Example(example.id, example.question, example.context, answers, example.where, trimmed, located)
+    return fixed, problems, mismatches, repaired
 
 
 def read_examples(
-    cfg: QuestionAnsweringTaskConfig, table: Table, labelled: bool = True
+    cfg: QuestionAnsweringTaskConfig, table: Table, labelled: bool = True, offsets: bool = True
 ) -> tuple[list[Example], list[str], list[str], int]:
-    """The table's questions, and (problems, answer offset mismatches, offsets repaired)."""
+    """The table's questions, and (problems, answer offset mismatches, offsets repaired by `task.repair`).
+    `offsets`: whether the answer offsets must be right (training data) or only the texts (evaluation data)."""
     names, frame = _columns(cfg, table), table.frame
     wanted = [names["question"], names["context"]] + ([names["answers"]] if labelled else [])
     missing = [c for c in wanted if c not in frame.columns]
@@ -189,7 +234,7 @@ def read_examples(
             if _missing(value):
                 problems.append(f"{where}: no '{names['answers']}'; expected {ANSWERS_SHAPE} (empty lists for a question without answer)")
                 continue
-            answers, problem = _parse_answers(value, where, names["answers"])
+            answers, problem = _parse_answers(value, where, names["answers"], offsets)
             if problem:
                 problems.append(problem)
                 continue
@@ -200,7 +245,7 @@ def read_examples(
                 )
                 continue
         example = Example(None if _missing(qid) else str(qid), question, context, answers, where)
-        example, found, wrong, fixed = _check_offsets(example, cfg.repair)
+        example, found, wrong, fixed = _check_offsets(example, cfg.repair, offsets)
         problems += found
         mismatches += wrong
         repaired += fixed
@@ -219,6 +264,29 @@ def _offset_problems(mismatches: list[str], counts: Counter) -> list[str]:
         "set task.repair=true to move each to the nearest occurrence of its text, or fix the offsets"
     )
     return [head] + mismatches
+
+
+def _offset_notes(examples: list[Example]) -> list[str]:
+    """Counted notes on the offsets fixed while reading, each with its first case."""
+    notes = []
+    trimmed = [(e, fix) for e in examples for fix in e.trimmed]
+    if trimmed:
+        e, (k, text, start, core, position) = trimmed[0]
+        notes.append(
+            f"repaired {len(trimmed)} answer{'s' if len(trimmed) > 1 else ''} whose text or offset differed only by surrounding "
+            f"whitespace (e.g. {e.where}: answer {k} {text!r:.60} at {start}, read as {core!r:.60} at {position})"
+        )
+    located = [(e, fix) for e in examples for fix in e.located]
+    if located:
+        e, (k, text, start, _, position) = located[0]
+        given = "no answer_start" if start is None else f"answer_start {start}"
+        many = len(located) > 1
+        notes.append(
+            f"located {len(located)} evaluation answer{'s' if many else ''} by {'their' if many else 'its'} "
+            f"text: the answer_start was missing or did not point at the text (e.g. {e.where}: answer {k} {text!r:.60} "
+            f"has {given}, found at {position}); evaluation compares answer texts only, so nothing needs fixing"
+        )
+    return notes
 
 
 # --------------------------------------------------------------------------- the task
@@ -252,9 +320,11 @@ class QuestionAnsweringTask(Task):
     # ------------------------------------------------------------------ preflight
 
     def _read_all(self, cfg, tables: dict[str, Table]) -> tuple[dict[str, list[Example]], list[str], int]:
+        """Examples by split, notes, offsets repaired by `task.repair`; raises the problems found. Only the
+        training split's offsets must be right: they become the labels (the others are scored by text)."""
         examples, problems, mismatches, repaired, counts = {}, [], [], 0, Counter()
         for split, table in tables.items():
-            examples[split], found, wrong, fixed = read_examples(cfg, table)
+            examples[split], found, wrong, fixed = read_examples(cfg, table, offsets=split == "train")
             problems += found
             mismatches += wrong
             repaired += fixed
@@ -262,7 +332,7 @@ class QuestionAnsweringTask(Task):
         errors = _offset_problems(list(dict.fromkeys(mismatches)), +counts) + problems
         if errors:
             raise DataError(summarise(errors))
-        return examples, [], repaired
+        return examples, _offset_notes([e for split in examples.values() for e in split]), repaired
 
     def preflight(self, cfg: QuestionAnsweringTaskConfig, tables: dict[str, Table]) -> tuple[dict, list[str]]:
         examples, warnings, repaired = self._read_all(cfg, tables)
@@ -286,7 +356,9 @@ class QuestionAnsweringTask(Task):
         return state, warnings
 
     def preflight_eval(self, cfg: QuestionAnsweringTaskConfig, state: dict, table: Table) -> None:
-        self._read_all(cfg, {"data": table})
+        _, notes, _ = self._read_all(cfg, {"data": table})
+        for note in notes:  # preflight_eval has no return channel for notes: the log is where `tunesmith eval` shows them
+            log.warning(note)
 
     def tokenizer_warnings(self, cfg, tables: dict[str, Table], tokenizer) -> list[str]:
         qa.require_offsets(tokenizer)  # before any model loads; question lengths are checked by `encode`
@@ -296,7 +368,9 @@ class QuestionAnsweringTask(Task):
 
     def encode(self, cfg: QuestionAnsweringTaskConfig, table: Table, tokenizer, state: dict) -> datasets.Dataset:
         qa.require_offsets(tokenizer)
-        examples, problems, mismatches, _ = read_examples(cfg, table)
+        # Offsets as lenient as evaluation data: the training split's were checked by `preflight` (which
+        # refuses wrong ones there), and an evaluation table needs only its texts right.
+        examples, problems, mismatches, _ = read_examples(cfg, table, offsets=False)
         if problems or mismatches:
             raise DataError(summarise(mismatches + problems))
         too_long = qa.long_questions(tokenizer, [e.question for e in examples], cfg.max_length, cfg.doc_stride)
