@@ -381,15 +381,9 @@ def _read_parquet(path: Path) -> Table:
 
 
 def _existing_file(path: str | Path, field: str) -> Path:
-    if "\x00" in str(path):
-        raise DataError(f"{field}: the path '{shown(path)}' contains a NUL character; expected a file path; fix {field}")
-    path = Path(path)
-    try:
-        exists = path.exists()
-    except OSError as err:  # a name too long for the file system, a loop of symlinks
-        raise DataError(f"{field}: cannot use the path '{shown(path)[:200]}' ({err.strerror or err}); expected a file path; fix {field}") from None
-    if not exists:
-        raise DataError(f"{field}: file '{shown(path)}' not found (working directory {Path.cwd()}); check the path or set {field}")
+    from ..paths import check_data_path
+
+    path = check_data_path(path, field)
     if path.is_dir():
         raise DataError(f"{field}: '{path}' is a folder but not a dataset saved with `save_to_disk`; point at a file")
     return path
