@@ -359,9 +359,6 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         cache_body(model, everything + [loaders[s] for s in ("validation", "test") if s in loaders], accelerator.autocast)
         feature_cache_seconds = round(time.perf_counter() - cache_start, 3)
     skeleton = _maybe_shard(model, cfg, accelerator, launcher_fsdp, reshard, speed)
-    # After the loop, a Ctrl-C is acknowledged and the run goes on saving; a second one abandons it
-    # (the loop installs its own handler, which stops at the next step with a checkpoint).
-    cleanup.enter_context(StopSignals(notice=_saving_notice if accelerator.is_main_process else None))
     loop = train_loop(
         model=model,
         task=task,
@@ -379,6 +376,9 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         fingerprint=run_fingerprint,
     )
 
+    # From here a Ctrl-C is acknowledged and the run goes on saving; a second one abandons it (during the
+    # loop, the loop's own handler stops at the next step with a checkpoint).
+    cleanup.enter_context(StopSignals(notice=_saving_notice if accelerator.is_main_process else None))
     # Final numbers come from the best checkpoint (restored by the loop).
     val_metrics, val_acc = run_evaluation(model, accelerator.prepare(loaders["validation"]), task, state, loss_fn, accelerator)
     tuned = task.after_training(cfg.task, state, val_acc)
