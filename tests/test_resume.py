@@ -205,12 +205,11 @@ def test_failed_save_keeps_previous_checkpoint(tiny_bert, sentiment_csv, tmp_pat
     assert resumed.metrics["train"]["global_step"] == 18
 
 
-def test_nonfinite_loss_skipped_then_stops(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+def _poison_losses(monkeypatch, poisoned_calls: set[int]) -> None:
+    """The training loss of the given training batches (counted from 1) is multiplied by NaN."""
     from tunesmith.tasks.classification import ClassificationTask
-    from tunesmith.training import TrainingDiverged
 
     real_loss_fn = ClassificationTask.loss_fn
-    poisoned_calls = {3, 4}
 
     def poisoned(self, cfg, state, train):
         inner = real_loss_fn(self, cfg, state, train)
@@ -226,14 +225,89 @@ def test_nonfinite_loss_skipped_then_stops(tiny_bert, sentiment_csv, tmp_path, m
         return loss
 
     monkeypatch.setattr(ClassificationTask, "loss_fn", poisoned)
+
+
+def test_nonfinite_loss_skipped_then_stops(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+    from tunesmith.training import TrainingDiverged
+
+    _poison_losses(monkeypatch, {3, 4})
     result = tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "skip", num_train_epochs=1), show_progress=False)
     log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["type"] == "skipped"] == [3, 4]
     assert all(torch.isfinite(w).all() for w in _weights(result.run_dir).values())
 
-    with pytest.raises(TrainingDiverged, match=r"stopped at step 4: 2 steps .*learning rate at the time .*last good checkpoint"):
+    with pytest.raises(TrainingDiverged, match=r"stopped at step 4: 2 consecutive steps .*learning rate at the time .*last good checkpoint"):
         tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "stop", max_nonfinite_steps=1), show_progress=False)
     assert [s for s, _ in step_dirs(tmp_path / "stop" / "checkpoints")] == [2]
+
+
+def test_separated_nonfinite_steps_do_not_stop_the_run(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+    """max_nonfinite_steps counts bad steps in a row: four isolated NaN batches with a limit of 1 are four
+    skipped updates and a finished run (not `TrainingDiverged` at the second, as a running total would do)."""
+    _poison_losses(monkeypatch, {2, 5, 8, 11})
+    result = tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "run", num_train_epochs=2, max_nonfinite_steps=1),
+                             show_progress=False)
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "skipped"] == [2, 5, 8, 11]
+    assert result.metrics["train"]["global_step"] == 12
+    assert all(torch.isfinite(w).all() for w in _weights(result.run_dir).values())
+
+
+class _FakeScaler:
+    """An fp16 GradScaler as far as the loop asks it (enabled, its scale)."""
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def get_scale(self) -> float:
+        return 1024.0
+
+
+class _FakeScheduler:
+    def get_last_lr(self) -> list[float]:
+        return [1e-4]
+
+
+def _note_updates(tmp_path, outcomes: str, scaler=None, limit: int = 2):
+    """Feed `_note_update` one step per character (g: good, o: finite loss with inf gradients, n: NaN loss);
+    returns the loop's counters and the log's record types."""
+    from tunesmith.config import TrainConfig
+    from tunesmith.run import JsonlLog
+    from tunesmith.training import LoopResult, _note_update
+
+    result, logbook = LoopResult(), JsonlLog(tmp_path / "log.jsonl")
+    losses = {"g": 0.5, "o": 0.5, "n": float("nan")}
+    try:
+        for outcome in outcomes:
+            _note_update(result, TrainConfig(max_nonfinite_steps=limit), outcome == "g", losses[outcome], scaler,
+                         _FakeScheduler(), logbook, tmp_path)
+            result.global_step += 1
+    finally:
+        logbook.close()
+    return result, [json.loads(line)["type"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+
+
+def test_fp16_overflow_skips_are_logged_not_counted(tmp_path):
+    result, types = _note_updates(tmp_path, "o" * 20, scaler=_FakeScaler())
+    assert types == ["overflow"] * 20 and result.nonfinite_steps == 0
+
+
+def test_gradient_overflow_without_a_scaler_counts(tmp_path):
+    from tunesmith.training import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="stopped at step 3: 3 consecutive steps"):
+        _note_updates(tmp_path, "ooo")
+
+
+def test_nonfinite_count_resets_on_a_good_update(tmp_path):
+    from tunesmith.training import TrainingDiverged
+
+    result, types = _note_updates(tmp_path, "nngnngnng", scaler=_FakeScaler())
+    assert types == ["skipped"] * 6 and result.nonfinite_steps == 0
+    # A NaN loss is divergence with a scaler too; overflows in between neither count nor reset.
+    (tmp_path / "mixed").mkdir()
+    with pytest.raises(TrainingDiverged, match="stopped at step 8: 3 consecutive steps"):
+        _note_updates(tmp_path / "mixed", "nnog" "nnon", scaler=_FakeScaler())
 
 
 # --------------------------------------------------------------------------- real processes

@@ -285,7 +285,8 @@ class TrainConfig(Section):
         2, ge=1, description="Keep the newest N resumable checkpoints plus the best one; None keeps all."
     )
     max_nonfinite_steps: int = Field(
-        10, ge=0, description="Skip up to N updates with a NaN/inf loss or gradient, then stop with an explanation."
+        10, ge=0, description="Skip up to N consecutive updates with a NaN/inf loss or gradient, then stop with an explanation "
+        "(fp16 loss-scaler overflows, which the scaler handles, are logged but not counted)."
     )
     fsdp: bool = Field(
         False, description="Shard weights, gradients and optimizer state across processes (torch FSDP2 `fully_shard` on "

@@ -72,7 +72,7 @@ class LoopResult:
     evaluations_without_improvement: int = 0
     running_loss: float = 0.0
     running_count: int = 0
-    nonfinite_steps: int = 0
+    nonfinite_steps: int = 0  # consecutive skipped updates (fp16 scaler overflows aside)
 
     @property
     def samples_per_second(self) -> float:
@@ -86,7 +86,7 @@ class LoopResult:
 
 
 class TrainingDiverged(TunesmithError):
-    """Too many steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def greater_is_better(metric: str, configured: bool | None) -> bool:
@@ -399,8 +399,7 @@ def train_loop(
                         if finite or scaler is not None:
                             optimizer.step()
                             scheduler.step()
-                        if not finite:
-                            _note_nonfinite(result, train_cfg, step_loss, scheduler, logbook, checkpoints_dir)
+                        _note_update(result, train_cfg, finite, step_loss, scaler, scheduler, logbook, checkpoints_dir)
                     optimizer.zero_grad(set_to_none=True)
                 batch_size = len(labels)
                 if math.isfinite(step_loss):
@@ -504,16 +503,43 @@ def _finite_update(accelerator: Accelerator, model: nn.Module, train_cfg: TrainC
     return math.isfinite(loss) and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
 
 
+def _note_update(result: LoopResult, train_cfg: TrainConfig, finite: bool, loss: float, scaler, scheduler,
+                 logbook: JsonlLog, checkpoints_dir: Path) -> None:
+    """Count the optimizer step just taken or skipped. `train.max_nonfinite_steps` limits bad steps *in a row*:
+    a run that recovers from a few isolated bad batches is healthy, however long it runs."""
+    if finite:
+        result.nonfinite_steps = 0
+    elif _overflow_skip(scaler, loss):
+        _note_overflow(result, loss, scaler, scheduler, logbook)
+    else:
+        _note_nonfinite(result, train_cfg, loss, scheduler, logbook, checkpoints_dir)
+
+
+def _overflow_skip(scaler, loss: float) -> bool:
+    """fp16: a finite loss with inf/NaN gradients is the loss scaler's overflow. The scaler skips that update
+    and lowers its scale; that is its job (at the start of a run and each time the scale has grown past what
+    fp16 holds), not divergence. A non-finite loss is divergence under any scaler."""
+    return scaler is not None and scaler.is_enabled() and math.isfinite(loss)
+
+
+def _note_overflow(result: LoopResult, loss: float, scaler, scheduler, logbook: JsonlLog) -> None:
+    # Neither counted nor a reset: the update was skipped, so it shows nothing about whether training recovered.
+    step = result.global_step + 1
+    logbook.write({"type": "overflow", "step": step, "loss": loss, "loss_scale": scaler.get_scale(),
+                   "learning_rate": scheduler.get_last_lr()[0]})
+    log.info("step %d: fp16 gradient overflow; the loss scaler skipped the update (loss scale now %g)", step, scaler.get_scale())
+
+
 def _note_nonfinite(result: LoopResult, train_cfg: TrainConfig, loss: float, scheduler, logbook: JsonlLog, checkpoints_dir: Path) -> None:
     result.nonfinite_steps += 1
     lr = scheduler.get_last_lr()[0]
     step = result.global_step + 1
     logbook.write({"type": "skipped", "step": step, "loss": loss if math.isfinite(loss) else str(loss), "learning_rate": lr})
-    log.warning("step %d: non-finite %s (%s); update skipped (%d of at most %d)", step,
+    log.warning("step %d: non-finite %s (%s); update skipped (%d in a row, at most %d)", step,
                 "loss" if not math.isfinite(loss) else "gradient", loss, result.nonfinite_steps, train_cfg.max_nonfinite_steps)
     if result.nonfinite_steps > train_cfg.max_nonfinite_steps:
         raise TrainingDiverged(
-            f"training stopped at step {step}: {result.nonfinite_steps} steps had a NaN/inf loss or gradient "
+            f"training stopped at step {step}: {result.nonfinite_steps} consecutive steps had a NaN/inf loss or gradient "
             f"(limit train.max_nonfinite_steps={train_cfg.max_nonfinite_steps}); learning rate at the time {lr:.3g}. "
             "Likely causes: a learning rate too high (try a 10x smaller train.learning_rate or warmup_ratio 0.1), "
             "fp16 overflow (use precision bf16 or fp32), or NaN/inf values in the labels or inputs. "
