@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 import tunesmith
@@ -181,6 +182,50 @@ def test_gradient_accumulation_halves_optimizer_steps(tiny_bert, sentiment_csv, 
                           train={"num_train_epochs": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": accumulation})
         steps[accumulation] = tunesmith.train(cfg, show_progress=False).metrics["train"]["global_step"]
     assert steps[1] == 2 * 12 and steps[2] == 2 * 6  # 48 train rows / batch 4 = 12 batches per epoch
+
+
+def _without_dropout(model_dir, folder):
+    """The tiny model with dropout off: two micro-batches then draw no masks a single batch would not."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    AutoModelForSequenceClassification.from_pretrained(model_dir, config=config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+    return folder
+
+
+def _first_step(model_dir, train_csv, out, monkeypatch, batch_size, accumulation):
+    """Gradients reaching the first optimizer step, and the weights after it (one step only)."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append({id(p): p.grad.clone() for group in self.param_groups for p in group["params"] if p.grad is not None})
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    # No clipping, no warmup, a plain random order (length grouping orders batches of 8 and 16 differently):
+    # the first 16 examples are the same, as one batch or as two micro-batches.
+    cfg = tiny_config(model_dir, train_csv, out, train={
+        "max_steps": 1, "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": accumulation,
+        "max_grad_norm": 0.0, "warmup_ratio": 0.0, "group_by_length": False, "eval_strategy": "no"})
+    result = tunesmith.train(cfg, show_progress=False)
+    monkeypatch.undo()
+    return list(seen[0].values()), load_file(str(result.run_dir / "model" / "model.safetensors"))
+
+
+def test_gradient_accumulation_matches_one_large_batch(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+    """Batch 8 x accumulation 2 is batch 16 x 1: the same gradients (Adam's update hides a wrongly scaled
+    gradient, so they are compared, not only the weights) and the same weights after the step."""
+    model = _without_dropout(tiny_bert, tmp_path / "no-dropout")
+    grads_acc, weights_acc = _first_step(model, sentiment_csv, tmp_path / "acc", monkeypatch, 8, 2)
+    grads_big, weights_big = _first_step(model, sentiment_csv, tmp_path / "big", monkeypatch, 16, 1)
+    assert len(grads_acc) == len(grads_big) > 0
+    for accumulated, whole in zip(grads_acc, grads_big):
+        torch.testing.assert_close(accumulated, whole, rtol=0, atol=1e-6)
+    assert weights_acc.keys() == weights_big.keys()
+    for name in weights_acc:
+        torch.testing.assert_close(weights_acc[name], weights_big[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_bf16_train_then_fp32_evaluate_in_one_process(pretrained_tiny_bert, sentiment_csv, tmp_path):
