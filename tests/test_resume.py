@@ -1,6 +1,7 @@
 """Checkpoints and exact resume: signals, SIGKILL, lock file, config/data checks, pruning."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -251,6 +252,48 @@ def test_separated_nonfinite_steps_do_not_stop_the_run(tiny_bert, sentiment_csv,
     assert [r["step"] for r in log if r["type"] == "skipped"] == [2, 5, 8, 11]
     assert result.metrics["train"]["global_step"] == 12
     assert all(torch.isfinite(w).all() for w in _weights(result.run_dir).values())
+
+
+def test_nan_loss_inside_an_accumulation_window_skips_its_update(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+    """Without DeepSpeed the losses are read once per optimizer step: a NaN in the window's first
+    micro-batch (batch 3 of accumulation 2: step 2) still skips that update and stays out of the logged loss."""
+    _poison_losses(monkeypatch, {3})
+    result = tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "run", num_train_epochs=1,
+                                  gradient_accumulation_steps=2), show_progress=False)
+    log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in log if r["type"] == "skipped"] == [(2, "nan")]
+    assert all(math.isfinite(r["loss"]) for r in log if r["type"] == "train")
+    assert all(torch.isfinite(w).all() for w in _weights(result.run_dir).values())
+
+
+class _CountingAccelerator:
+    """Two processes as far as `_LossWindow` asks: counts the all-reduces (each returns its input)."""
+
+    num_processes = 2
+
+    def __init__(self):
+        self.reduces = 0
+
+    def reduce(self, tensor, reduction):
+        self.reduces += 1
+        return tensor
+
+
+def test_loss_window_reads_the_losses_once_per_optimizer_step():
+    from tunesmith.training import LoopResult, _add_to_running_loss, _LossWindow, _reported_loss
+
+    accelerator = _CountingAccelerator()
+    losses = _LossWindow(accelerator)
+    for value, size in ((0.5, 8), (float("nan"), 8), (0.25, 4)):
+        losses.add(torch.tensor(value), size)
+    assert accelerator.reduces == 0  # nothing read per micro-batch
+    window = losses.close()
+    assert accelerator.reduces == 1 and [size for _, size in window] == [8, 8, 4]
+    assert math.isnan(_reported_loss(window)) and _reported_loss(window[:1] + window[2:]) == 0.25
+    result = LoopResult()
+    _add_to_running_loss(result, window)
+    assert (result.running_loss, result.running_count) == (0.5 * 8 + 0.25 * 4, 12)
+    assert losses.close() == []  # the next window starts empty
 
 
 class _FakeScaler:

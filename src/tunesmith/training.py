@@ -304,6 +304,7 @@ def train_loop(
             write_jsonl(run_dir / "log.jsonl", result.history)
         log.info("resuming from %s (step %d, epoch %d, batch %d)", resume.path, result.global_step, result.epoch, result.batches_in_epoch)
     logbook = JsonlLog(run_dir / "log.jsonl", enabled=accelerator.is_main_process)
+    losses = _LossWindow(accelerator)
     window_start, window_samples = time.perf_counter(), 0
     train_start = time.perf_counter() - result.train_seconds
     model.train()
@@ -384,16 +385,17 @@ def train_loop(
                     with accelerator.autocast(), attention_kernel(inputs, accelerator.device.type, math_attention_max):
                         logits = task.logits(model(**inputs))
                     loss = loss_fn(logits, labels)
-                    step_loss = loss.detach()
-                    if accelerator.num_processes > 1:  # the global batch's loss, not this shard's
-                        step_loss = accelerator.reduce(step_loss, reduction="mean")
-                    step_loss = float(step_loss)
+                    losses.add(loss, len(labels))
                     # DeepSpeed's engine updates the weights inside accelerate's backward, before the
                     # check below could skip the update: a non-finite loss must not reach it (every
-                    # process sees the same global loss, so all skip together).
-                    if math.isfinite(step_loss) or not deepspeed:
+                    # process sees the same global loss, so all skip together). Only there is each
+                    # micro-batch's loss read before its backward.
+                    if not deepspeed or losses.last_finite():
                         accelerator.backward(loss)
                     if accelerator.sync_gradients:
+                        window = losses.close()
+                        _add_to_running_loss(result, window)
+                        step_loss = _reported_loss(window)
                         finite = _finite_update(accelerator, model, train_cfg, step_loss)
                         # The fp16 loss scaler skips non-finite updates itself and must see every step.
                         if finite or scaler is not None:
@@ -402,9 +404,6 @@ def train_loop(
                         _note_update(result, train_cfg, finite, step_loss, scaler, scheduler, logbook, checkpoints_dir)
                     optimizer.zero_grad(set_to_none=True)
                 batch_size = len(labels)
-                if math.isfinite(step_loss):
-                    result.running_loss += step_loss * batch_size
-                    result.running_count += batch_size
                 window_samples += batch_size
                 result.train_samples += batch_size * accelerator.num_processes
                 if not accelerator.sync_gradients:
@@ -463,6 +462,58 @@ def train_loop(
     if distributed.deepspeed_engine(accelerator) is None:
         accelerator.free_memory()
     return result
+
+
+class _LossWindow:
+    """The losses of an accumulation window's micro-batches, as the global batch's (averaged over processes).
+
+    They stay on the device until the window's optimizer step is due, then are read at once: one
+    all-reduce and one host sync per optimizer step, not per micro-batch (a host sync stalls the
+    accelerator's queue). Checking them then still catches a NaN loss: its backward made the gradients,
+    and their norm, NaN too. Only DeepSpeed reads each loss before its backward (`last_finite`)."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self._pending: list[torch.Tensor] = []
+        self._values: list[float] = []
+        self._sizes: list[int] = []
+
+    def add(self, loss: torch.Tensor, batch_size: int) -> None:
+        self._pending.append(loss.detach().reshape(()))
+        self._sizes.append(batch_size)
+
+    def last_finite(self) -> bool:
+        self._read()
+        return math.isfinite(self._values[-1])
+
+    def close(self) -> list[tuple[float, int]]:
+        """(global loss, this process's batch size) per micro-batch of the window; the next window starts empty."""
+        self._read()
+        window = list(zip(self._values, self._sizes))
+        self._values, self._sizes = [], []
+        return window
+
+    def _read(self) -> None:
+        if not self._pending:
+            return
+        stacked = torch.stack(self._pending)
+        if self.accelerator.num_processes > 1:  # the global batch's loss, not this shard's
+            stacked = self.accelerator.reduce(stacked, reduction="mean")
+        self._values += stacked.tolist()
+        self._pending = []
+
+
+def _add_to_running_loss(result: LoopResult, window: list[tuple[float, int]]) -> None:
+    """The logged loss is averaged per example; a micro-batch with a non-finite loss is left out of it."""
+    for value, batch_size in window:
+        if math.isfinite(value):
+            result.running_loss += value * batch_size
+            result.running_count += batch_size
+
+
+def _reported_loss(window: list[tuple[float, int]]) -> float:
+    """The window's first non-finite loss, else its last: the loss a skipped step is checked and logged with."""
+    return next((value for value, _ in window if not math.isfinite(value)), window[-1][0])
 
 
 # Where every process holds whole, unscaled gradients (no FSDP shards, no DeepSpeed-owned clipping).
