@@ -49,8 +49,14 @@ def _assert_same_run(a: Path, b: Path) -> None:
     for name in wa:
         assert torch.equal(wa[name], wb[name]), f"{name} differs after resume"
     assert _train_losses(a) == _train_losses(b)
+    assert _log_without_timings(a) == _log_without_timings(b)
     ma, mb = (json.loads((d / "metrics.json").read_text())["validation"] for d in (a, b))
     assert ma == mb
+
+
+def _log_without_timings(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith(("seconds", "per_second"))} for r in records]
 
 
 def _interrupt_at_step(monkeypatch, step: int, signum=signal.SIGINT):
@@ -294,6 +300,26 @@ def test_loss_window_reads_the_losses_once_per_optimizer_step():
     _add_to_running_loss(result, window)
     assert (result.running_loss, result.running_count) == (0.5 * 8 + 0.25 * 4, 12)
     assert losses.close() == []  # the next window starts empty
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+    """The checkpoint keeps log.jsonl's size, not its records: a resume cuts the lines written after the
+    checkpoint and keeps every line before it, a skipped step's too (once lost: the records the checkpoint
+    carried were the train and eval ones only)."""
+    options = {"num_train_epochs": 1, "eval_strategy": "steps", "eval_steps": 2}
+    _poison_losses(monkeypatch, {3})
+    reference = tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "ref", **options), show_progress=False)
+    _interrupt_at_step(monkeypatch, 4)  # the 4th update is step 5: step 3's was skipped
+    with pytest.raises(TrainingInterrupted):
+        tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "run", **options), show_progress=False)
+    monkeypatch.undo()  # batch 3 is before the checkpoint: the resumed run does not see it again
+    state = latest_checkpoint(tmp_path / "run" / "checkpoints").state["loop"]
+    with open(tmp_path / "run" / "log.jsonl", "a") as log:  # as a step after the checkpoint would have written
+        log.write('{"type": "train", "step": 99}\n')
+    resumed = tunesmith.train(resume=tmp_path / "run", show_progress=False)
+    assert [r["step"] for r in _log_without_timings(resumed.run_dir) if r["type"] == "skipped"] == [3]
+    assert _log_without_timings(resumed.run_dir) == _log_without_timings(reference.run_dir)
+    assert "history" not in state and state["log_bytes"] > 0
 
 
 class _FakeScaler:

@@ -10,7 +10,8 @@ A checkpoint is a folder `checkpoints/step-000120/` holding
     scaler.pt               fp16 loss scaler (CUDA fp16 only)
     rng-rank{K}.pt          python, numpy, torch (and CUDA) RNG states of process K
     state.json              loop position (epoch, batches consumed, sampler RNG at epoch start),
-                            best metric so far, counters, the log so far, config and data hashes
+                            best metric so far, counters, log.jsonl's size (a resume cuts it back
+                            to that), config and data hashes
 
 It is written into `step-000120.tmp-<pid>/`, every file fsynced, then renamed: a crash leaves the
 old checkpoint or the new one, never half of one. The `.pt` files hold only tensors, numbers and

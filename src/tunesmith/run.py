@@ -453,6 +453,16 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     _replace_text(path, "".join(json.dumps(r, default=_json_default, ensure_ascii=False) + "\n" for r in records))
 
 
+def truncate_file(path: Path, size: int) -> int:
+    """Cut a file back to its first `size` bytes (a resumed run drops the log lines written after its
+    checkpoint); returns the size it had (smaller than `size`: nothing is cut)."""
+    with open(path, "r+b") as handle:
+        found = handle.seek(0, os.SEEK_END)
+        if found > size:
+            handle.truncate(size)
+    return found
+
+
 class JsonlLog:
     """Append-only log; each line is flushed so a crash loses at most the line being written."""
 
@@ -465,6 +475,14 @@ class JsonlLog:
         if self._handle is not None:
             self._handle.write(json.dumps(record, default=_json_default, ensure_ascii=False) + "\n")
             self._handle.flush()
+
+    def sync(self) -> int:
+        """Flush and fsync (a checkpoint records where the log stood); returns the file's size, 0 where disabled."""
+        if self._handle is None:
+            return 0
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        return os.fstat(self._handle.fileno()).st_size
 
     def close(self) -> None:
         if self._handle is not None:

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ from .checkpoint import Checkpoint, any_process, fsync_file, remove_partial, res
 from .errors import ConfigError, TunesmithError
 from .interrupt import StopSignals, TrainingInterrupted
 from .methods import parameter_shape
-from .run import JsonlLog, write_jsonl
+from .run import JsonlLog, truncate_file, write_jsonl
 
 log = logging.getLogger("tunesmith")
 
@@ -64,7 +64,10 @@ class LoopResult:
     eval_seconds: float = 0.0  # evaluations inside the loop (part of train_seconds)
     real_tokens: int = 0
     padded_tokens: int = 0
-    history: list[dict] = field(default_factory=list)
+    # log.jsonl's size at the checkpoint (a resume cuts it back to that) and the last evaluation's step:
+    # the checkpoint holds these, not the log's records, which grow with the run.
+    log_bytes: int = 0
+    last_eval_step: int | None = None
     # Position: the epoch, batches of it consumed, and the sampler's RNG when the epoch began.
     epoch: int = 0
     batches_in_epoch: int = 0
@@ -298,10 +301,10 @@ def train_loop(
     if resume is not None:
         restore_checkpoint(resume, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
                            scaler=scaler, accelerator=accelerator)
-        position = resume.state["loop"]
+        position = _saved_position(resume.state["loop"])
         result = LoopResult(**{f.name: position[f.name] for f in fields(LoopResult) if f.name in position})
         if accelerator.is_main_process:  # the log restarts from the checkpoint: lines written after it are replayed
-            write_jsonl(run_dir / "log.jsonl", result.history)
+            _restore_log(run_dir / "log.jsonl", position)
         log.info("resuming from %s (step %d, epoch %d, batch %d)", resume.path, result.global_step, result.epoch, result.batches_in_epoch)
     logbook = JsonlLog(run_dir / "log.jsonl", enabled=accelerator.is_main_process)
     losses = _LossWindow(accelerator)
@@ -316,6 +319,7 @@ def train_loop(
         position = f"{result.global_step}/{result.epoch}/{result.batches_in_epoch}"
         if position not in written:
             result.train_seconds = time.perf_counter() - train_start
+            result.log_bytes = logbook.sync()
             loop_state = {"global_step": result.global_step, "loop": asdict(result), **(fingerprint or {})}
             written[position] = save_checkpoint(
                 checkpoints_dir, step=result.global_step, model=accelerator.unwrap_model(model), optimizer=optimizer,
@@ -343,7 +347,7 @@ def train_loop(
         record = {"type": "eval", "step": result.global_step, "epoch": round(epoch, 4), **_scalars(metrics),
                   "eval_seconds": round(time.perf_counter() - eval_start, 3), "is_best": improved}
         logbook.write(record)
-        result.history.append(record)
+        result.last_eval_step = result.global_step
         summary = "  ".join(f"{k} {v:.4f}" for k, v in _scalars(metrics).items() if k in (metric, "loss", "accuracy", "f1_macro", "f1_micro"))
         if accelerator.is_main_process:
             (console.log if show_progress else log.info)(f"eval @ step {result.global_step}: {summary}{'  (best)' if improved else ''}")
@@ -421,7 +425,6 @@ def train_loop(
                         "samples_per_second": window_samples / elapsed if elapsed else 0.0,
                     }
                     logbook.write(record)
-                    result.history.append(record)
                     progress.update(bar, loss=record["loss"], lr=record["learning_rate"], sps=record["samples_per_second"])
                     result.running_loss, result.running_count, window_start, window_samples = 0.0, 0, time.perf_counter(), 0
                 progress.update(bar, completed=result.global_step, epoch=fractional_epoch)
@@ -622,7 +625,28 @@ def _interrupt(signals: StopSignals, path: Path, run_dir: Path, result: LoopResu
 
 
 def _just_evaluated(result: LoopResult) -> bool:
-    return bool(result.history) and result.history[-1]["type"] == "eval" and result.history[-1]["step"] == result.global_step
+    return result.last_eval_step == result.global_step
+
+
+def _saved_position(position: dict) -> dict:
+    """A checkpoint's loop state; one written before log offsets were stored holds the log's records
+    (`history`) instead: the last evaluation's step is read from them."""
+    history = position.get("history")
+    if history is None or "last_eval_step" in position:
+        return position
+    last = history[-1] if history else None
+    return {**position, "last_eval_step": last["step"] if last is not None and last["type"] == "eval" else None}
+
+
+def _restore_log(path: Path, position: dict) -> None:
+    """Cut log.jsonl back to where it stood at the checkpoint (the steps after it run again)."""
+    if "log_bytes" not in position:  # an older checkpoint: it holds the records themselves
+        write_jsonl(path, position.get("history", []))
+        return
+    size = truncate_file(path, position["log_bytes"]) if path.exists() else 0
+    if size < position["log_bytes"]:
+        log.warning("'%s' is shorter than when the checkpoint was written (%d of %d bytes): records before the "
+                    "checkpoint are missing from it; training resumes exactly all the same", path, size, position["log_bytes"])
 
 
 def _scalars(metrics: dict) -> dict:
