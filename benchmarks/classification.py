@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tunesmith.assets import bundled_dataset_frame, bundled_model_path  # noqa: E402
-from tunesmith.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: E402
+from tunesmith.speed.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: E402
 
 SETTINGS = {"batch": 32, "lr": 5e-5, "epochs": 2, "max_length": 128, "seed": 0}
 
@@ -101,7 +101,7 @@ def run_trainer(paths: dict[str, Path], out: Path, epochs: float | None = None, 
         TrainingArguments,
     )
 
-    from tunesmith.precision import measured_bf16_speedup
+    from tunesmith.speed.precision import measured_bf16_speedup
 
     model_dir = str(bundled_model_path("bundled:all-MiniLM-L6-v2"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -35,7 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 
 from classification import make_split  # noqa: E402
-from tunesmith.precision import cpu_flags, cpu_model  # noqa: E402
+from tunesmith.speed.precision import cpu_flags, cpu_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = ROOT / "configs" / "accelerate"

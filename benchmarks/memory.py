@@ -1,4 +1,4 @@
-"""Calibration of the memory preflight (`tunesmith.memory`) against the peak RSS of real runs.
+"""Calibration of the memory preflight (`tunesmith.speed.memory`) against the peak RSS of real runs.
 
 Bundled MiniLM, 3 optimizer steps on texts that fill `max_length`, evaluation batch 64, one
 subprocess per setting: `tunesmith.train` runs with the preflight's `estimate_training_memory` wrapped to
@@ -39,7 +39,7 @@ SETTINGS = [
 CHILD = """
 import json, random, resource, sys
 import pandas as pd, psutil
-import tunesmith, tunesmith.memory as memory
+import tunesmith, tunesmith.speed.memory as memory
 batch, length, method, precision, extra, folder = json.loads(sys.argv[1])
 words = "the film was good bad great awful story plot acting music scene".split()
 rng = random.Random(0)
@@ -67,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "memory.json")
     args = parser.parse_args()
-    from tunesmith.precision import cpu_model
+    from tunesmith.speed.precision import cpu_model
 
     rows = []
     for batch, length, method, precision, extra, label in SETTINGS:

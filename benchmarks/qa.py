@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from tunesmith.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: E402
+from tunesmith.speed.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: E402
 
 SDIST = "bigbench-1.0.0.tar.gz"
 SETS = {"new_wiki": "new_wiki_v1.0.json", "nyt": "nyt_v1.0.json", "reddit": "reddit_v1.0.json", "amazon_reviews": "amazon_reviews_v1.0.json"}

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tunesmith.precision import (  # noqa: E402
+from tunesmith.speed.precision import (  # noqa: E402
     AVX2_ONLY_ENVIRONMENT,
     NATIVE_BF16_FLAGS,
     cpu_flags,
@@ -102,7 +102,7 @@ def child(system: str, split_dir: Path, epochs: float, out: Path) -> None:
         from classification import run_trainer
 
         if system == "trainer-best-allocator":
-            from tunesmith.cpu_fastpath import keep_freed_memory
+            from tunesmith.speed.cpu_fastpath import keep_freed_memory
 
             keep_freed_memory()  # the part of tunesmith's CPU fast path any training loop can take
         row = run_trainer(paths, split_dir / "runs", epochs, best=system != "trainer-defaults")
@@ -163,11 +163,11 @@ def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 5
     from transformers import AutoModelForSequenceClassification
 
     from tunesmith.assets import bundled_model_path
-    from tunesmith.config import TrainConfig
-    from tunesmith.cpu_fastpath import attention_kernel
-    from tunesmith.embedding_rows import decay_unseen_rows, train_seen_rows_only
-    from tunesmith.performance import apply_speed_options
-    from tunesmith.training import make_optimizer
+    from tunesmith.config.schema import TrainConfig
+    from tunesmith.speed.cpu_fastpath import attention_kernel
+    from tunesmith.speed.embedding_rows import decay_unseen_rows, train_seen_rows_only
+    from tunesmith.speed.performance import apply_speed_options
+    from tunesmith.loop.loop import make_optimizer
 
     model = AutoModelForSequenceClassification.from_pretrained(str(bundled_model_path("bundled:all-MiniLM-L6-v2")), num_labels=2)
     train_cfg = TrainConfig(learning_rate=LR)

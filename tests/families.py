@@ -328,7 +328,7 @@ def build_pretrained_family(name: str, random_dir: Path, folder: Path, work: Pat
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tiny import sentiment_rows, tiny_config, write_csv
-    from tunesmith.methods import base_model
+    from tunesmith.methods.apply import base_model
 
     work.mkdir(parents=True, exist_ok=True)
     train = write_csv(work / "pretrain.csv", sentiment_rows(128, seed=7))

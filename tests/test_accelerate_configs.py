@@ -2,7 +2,7 @@
 
 What runs here (CPU, no GPU): `accelerate launch` with ddp_cpu.yaml and with fsdp.yaml on 2 gloo
 processes, each checked against a one-process run like tests/test_distributed.py (under fsdp.yaml
-tunesmith shards the model itself with torch's FSDP2, see `tunesmith.distributed`); FSDP2's
+tunesmith shards the model itself with torch's FSDP2, see `tunesmith.distributed.strategies`); FSDP2's
 in-place sharding of a tiny BERT on 2 gloo processes (torch alone) to check the gather/scatter of
 sharded weights. The GPU configs are checked as far as accelerate's own launch code takes them
 (arguments, environment, plugins) and tunesmith's refusal of what it cannot run.

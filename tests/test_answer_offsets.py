@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.config import parse_config
+from tunesmith.config.schema import parse_config
 from tunesmith.data.splits import make_splits
 from tunesmith.errors import DataError
-from tunesmith.predict_io import read_inputs
+from tunesmith.cli.predict_io import read_inputs
 from tunesmith.tasks import get_task
-from tunesmith.tasks.question_answering import read_examples
+from tunesmith.tasks.question_answering.task import read_examples
 
 TASK = {"name": "question_answering", "max_length": 64, "doc_stride": 16}
 

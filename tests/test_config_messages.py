@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from tunesmith import config as config_module
 from tunesmith.cli import app
-from tunesmith.config import RunConfig, TrainConfig, load_config, parse_config
+from tunesmith.config.schema import RunConfig, TrainConfig, load_config, parse_config
 from tunesmith.errors import ConfigError
 
 SECTIONS = "model, data, task, method, train, output"
@@ -347,7 +347,7 @@ def test_pipeline_names_live_on_the_task_classes():
 
 
 def test_notes_are_logged(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="tunesmith.config"):
+    with caplog.at_level(logging.INFO, logger="tunesmith.config.schema"):
         load_config(write(tmp_path, "train:\n  bf16: true\n"))
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'cfg.yaml'}: read 'train.bf16: true' as 'train.precision: bf16' (the TrainingArguments name)"

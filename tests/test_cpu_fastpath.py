@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 import tunesmith
 from tiny import sentiment_rows, tiny_config, write_csv
-from tunesmith.cpu_fastpath import (
+from tunesmith.speed.cpu_fastpath import (
     ATTENTION_IMPLEMENTATION,
     ATTENTION_IMPLEMENTATION_FP32,
     FastDropout,
@@ -128,7 +128,7 @@ def test_swap_and_restore_keep_the_state_dict(tiny_bert):
 
 _ALLOCATION_LOOP = """
 import resource, sys, torch
-from tunesmith.cpu_fastpath import keep_freed_memory
+from tunesmith.speed.cpu_fastpath import keep_freed_memory
 if sys.argv[1] == "reuse":
     assert keep_freed_memory() is True
 faults = []
@@ -156,7 +156,7 @@ def test_freed_memory_is_reused_without_page_faults():
 
 _TOP_OF_HEAP = """
 import ctypes
-from tunesmith.cpu_fastpath import keep_freed_memory
+from tunesmith.speed.cpu_fastpath import keep_freed_memory
 assert keep_freed_memory() is True
 libc = ctypes.CDLL("libc.so.6")
 class Mallinfo2(ctypes.Structure):

@@ -25,7 +25,7 @@ import tunesmith
 from test_distributed import assert_matches_single_run, launch_env, run_config, single_and_ddp_config
 from test_resume import _assert_same_run, _cfg, _write_cfg, two_process_trainer
 from tiny import sentiment_rows, write_csv
-from tunesmith.checkpoint import latest_checkpoint
+from tunesmith.loop.checkpoint import latest_checkpoint
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make test installs it)")
 
@@ -154,7 +154,7 @@ POISON = textwrap.dedent(
     # Loaded by every process of the run: the training loss is NaN in the 3rd and 4th training batches.
     import os
     if os.environ.get("POISON_LOSS"):
-        from tunesmith.tasks.classification import ClassificationTask
+        from tunesmith.tasks.classification.task import ClassificationTask
         _loss_fn = ClassificationTask.loss_fn
         def poisoned(self, cfg, state, train):
             inner, calls = _loss_fn(self, cfg, state, train), [0]

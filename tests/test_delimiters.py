@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.config import ClassificationTaskConfig, parse_config
+from tunesmith.config.schema import ClassificationTaskConfig, parse_config
 from tunesmith.data.loaders import detect_delimiter, read_file
 from tunesmith.errors import DataError
-from tunesmith.predict_io import read_inputs
+from tunesmith.cli.predict_io import read_inputs
 from tunesmith.tasks import get_task
 
 # Texts holding commas: read at commas, a TSV's second line has two fields under a one-field header.
@@ -42,7 +42,7 @@ def test_header_delimiter_wins_over_the_suffix(name, sep, note, tmp_path):
     table = read_file(path)
     assert table.frame.to_dict("list") == {"text": [t for t, _ in ROWS], "label": [lab for _, lab in ROWS]}
     assert table.notes == [f"{path}: {note}"]
-    from tunesmith.config import DataConfig
+    from tunesmith.config.schema import DataConfig
     from tunesmith.data.splits import make_splits
 
     _, notes = make_splits(DataConfig(train_file=str(path)), 0)

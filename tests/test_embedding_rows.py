@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import tunesmith
 from tiny import sentiment_rows, tiny_config, write_csv
-from tunesmith.embedding_rows import SeenRowsEmbedding, decay_unseen_rows, restore_embedding, train_seen_rows_only
+from tunesmith.speed.embedding_rows import SeenRowsEmbedding, decay_unseen_rows, restore_embedding, train_seen_rows_only
 from tunesmith.errors import TunesmithError
 
 

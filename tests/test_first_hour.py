@@ -23,8 +23,8 @@ import tunesmith
 from tiny import sentiment_rows, tiny_config, write_csv
 from tunesmith import api
 from tunesmith.cli import app
-from tunesmith.interrupt import TrainingInterrupted
-from tunesmith.run import REPLACED, RUN_MARKER
+from tunesmith.loop.interrupt import TrainingInterrupted
+from tunesmith.runs.rundir import REPLACED, RUN_MARKER
 
 
 def invoke(*args: str, input: str | None = None):
@@ -106,7 +106,7 @@ def test_a_failed_overwrite_puts_the_previous_run_back_and_says_so(finished, tin
 
 def test_an_overwrite_whose_process_died_is_put_back_by_the_next_command(finished, tmp_path):
     """SIGKILL during an --overwrite leaves the previous run set aside; `predict` (and `train`) put it back."""
-    from tunesmith.run import set_aside_previous_run
+    from tunesmith.runs.rundir import set_aside_previous_run
 
     run_dir = _copy(finished, tmp_path)
     before = _snapshot(run_dir)
@@ -120,7 +120,7 @@ def test_an_overwrite_whose_process_died_is_put_back_by_the_next_command(finishe
 
 
 def test_demo_never_replaces_an_earlier_demo_without_overwrite(finished, tmp_path, monkeypatch):
-    from tunesmith.demo import demo_run_dir
+    from tunesmith.cli.demo import demo_run_dir
 
     monkeypatch.chdir(tmp_path)
     assert demo_run_dir(None) == Path("runs/demo")

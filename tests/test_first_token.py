@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 import tunesmith
 from families import FamilyCache
 from tiny import sentiment_rows, tiny_config, write_csv
-from tunesmith.first_token import keep_first_token_only, restore_all_tokens
+from tunesmith.speed.first_token import keep_first_token_only, restore_all_tokens
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_same_logits_and_gradients(family, mode, families):
 
 
 def test_the_last_query_projection_runs_for_one_position(families):
-    from tunesmith.first_token import FirstPositionQuery
+    from tunesmith.speed.first_token import FirstPositionQuery
 
     source = families("bert")
     tokenizer = AutoTokenizer.from_pretrained(source)

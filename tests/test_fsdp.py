@@ -22,7 +22,7 @@ import tunesmith
 from test_distributed import _no_dropout_bert, launch_env
 from test_resume import SRC, _assert_same_run, _cfg, _write_cfg, two_process_trainer
 from tiny import sentiment_rows, write_csv
-from tunesmith.checkpoint import latest_checkpoint
+from tunesmith.loop.checkpoint import latest_checkpoint
 from tunesmith.errors import ConfigError
 
 SHARDED = "FSDP2 over 2 processes"

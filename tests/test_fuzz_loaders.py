@@ -7,7 +7,7 @@ the task's preflight on it) ends in one of two ways:
 
 Never another exception, never a hang (each example has a hypothesis deadline). Formats: CSV, TSV,
 JSON, JSONL, Parquet (classification reader and preflight), CoNLL (token classification reader and
-preflight) and SQuAD JSON (`tunesmith.data.squad.read_squad` and the QA task's reader, then QA preflight;
+preflight) and SQuAD JSON (`tunesmith.tasks.question_answering.squad.read_squad` and the QA task's reader, then QA preflight;
 skipped if that module is missing).
 
 Examples are derandomized (the same inputs on every run) and few per property, so the file runs in
@@ -32,7 +32,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tunesmith.config import ClassificationTaskConfig, TokenClassificationTaskConfig
+from tunesmith.config.schema import ClassificationTaskConfig, TokenClassificationTaskConfig
 from tunesmith.data.loaders import Table, read_file
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.tasks import get_task
@@ -576,11 +576,11 @@ def test_any_data_path(name):
 # --------------------------------------------------------------------------- SQuAD
 
 try:
-    from tunesmith.data.squad import read_questions, read_squad
-    from tunesmith.config import QuestionAnsweringTaskConfig
+    from tunesmith.tasks.question_answering.squad import read_questions, read_squad
+    from tunesmith.config.schema import QuestionAnsweringTaskConfig
 except ImportError:  # the QA task is being written; these tests run once it exists
     read_squad = read_questions = None
-needs_squad = pytest.mark.skipif(read_squad is None, reason="tunesmith.data.squad (QA task) not written yet")
+needs_squad = pytest.mark.skipif(read_squad is None, reason="tunesmith.tasks.question_answering.squad (QA task) not written yet")
 
 
 def _squad_readers():

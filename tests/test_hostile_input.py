@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import tunesmith
-from tunesmith.config import RunConfig
+from tunesmith.config.schema import RunConfig
 from tunesmith.errors import ConfigError
 from tiny import tiny_config
 
@@ -134,7 +134,7 @@ def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(tiny_bert, sentiment_
     with pytest.raises(ConfigError, match="is not empty and holds no tunesmith run; expected a new or empty folder"):
         tunesmith.train(cfg, show_progress=False)
     # Called directly (not through `train`), creating the run directory refuses as well.
-    from tunesmith.run import create_run_dir
+    from tunesmith.runs.rundir import create_run_dir
 
     with pytest.raises(ConfigError, match="is not a tunesmith run"):
         create_run_dir(folder, overwrite=True)
@@ -143,8 +143,8 @@ def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(tiny_bert, sentiment_
 
 @pytest.mark.parametrize("where", ["cwd", "parent_of_cwd", "home", "root"])
 def test_overwrite_never_empties_cwd_home_or_root(where, tmp_path, monkeypatch, sentiment_csv):
-    from tunesmith.config import parse_config
-    from tunesmith.run import RUN_MARKER, check_run_dir, create_run_dir
+    from tunesmith.config.schema import parse_config
+    from tunesmith.runs.rundir import RUN_MARKER, check_run_dir, create_run_dir
 
     work = tmp_path / "project" / "code" / "work"
     work.mkdir(parents=True)
@@ -171,7 +171,7 @@ def test_overwrite_never_empties_cwd_home_or_root(where, tmp_path, monkeypatch, 
 
 
 def test_overwrite_sets_runs_aside_and_never_follows_symlinks(tmp_path):
-    from tunesmith.run import REPLACED, RUN_MARKER, create_run_dir, drop_previous_run, is_run_dir, put_back_previous_run
+    from tunesmith.runs.rundir import REPLACED, RUN_MARKER, create_run_dir, drop_previous_run, is_run_dir, put_back_previous_run
 
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -200,7 +200,7 @@ def test_overwrite_sets_runs_aside_and_never_follows_symlinks(tmp_path):
 
 
 def test_a_new_run_directory_is_marked(tmp_path):
-    from tunesmith.run import RUN_MARKER, create_run_dir, is_run_dir
+    from tunesmith.runs.rundir import RUN_MARKER, create_run_dir, is_run_dir
 
     run = create_run_dir(tmp_path / "runs" / "new", overwrite=False)
     assert (run / RUN_MARKER).read_text().startswith("This folder is a tunesmith run directory")

@@ -17,10 +17,10 @@ from transformers import BertConfig, BertForSequenceClassification
 import tunesmith
 from tiny import tiny_config
 from tunesmith import memory
-from tunesmith.config import MethodConfig, parse_config
+from tunesmith.config.schema import MethodConfig, parse_config
 from tunesmith.errors import ResourceError
-from tunesmith.memory import check_memory, estimate_training_memory
-from tunesmith.methods import apply_method
+from tunesmith.speed.memory import check_memory, estimate_training_memory
+from tunesmith.methods.apply import apply_method
 
 GiB = 1024**3
 
@@ -184,7 +184,7 @@ def test_estimate_matches_the_peak_rss_of_a_real_run(tmp_path):
         check = api.check_memory
         def spy(model, cfg, precision, data, device=None):
             seen["rss"] = psutil.Process().memory_info().rss
-            from tunesmith.memory import estimate_training_memory
+            from tunesmith.speed.memory import estimate_training_memory
             seen["estimate"] = estimate_training_memory(model, batch_size=16, seq_len=256, eval_batch_size=64,
                                                         heap_reuse=cfg.train.reuse_freed_memory).training
             return check(model, cfg, precision, data, device)

@@ -5,7 +5,7 @@ import torch
 from scipy import stats
 from sklearn import metrics as skm
 
-from tunesmith.metrics.classification import (
+from tunesmith.tasks.classification.metrics import (
     ScoreAccumulator,
     multi_label_metrics,
     regression_metrics,

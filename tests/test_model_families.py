@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import tunesmith
 from families import FAMILIES, FamilyCache
 from tiny import sentiment_rows, tiny_config, write_csv
-from tunesmith.methods import base_model, layer_stacks
+from tunesmith.methods.apply import base_model, layer_stacks
 
 ROWS = 96  # 72 train / 24 validation rows
 LABELS = {0: "neg", 1: "pos"}

@@ -13,9 +13,9 @@ from transformers import AutoModelForSequenceClassification, BertForSequenceClas
 import tunesmith
 from tiny import sentiment_rows, tiny_config
 from tunesmith import performance
-from tunesmith.config import MethodConfig, TrainConfig, load_config
+from tunesmith.config.schema import MethodConfig, TrainConfig, load_config
 from tunesmith.errors import ConfigError
-from tunesmith.methods import apply_method, transformers_model
+from tunesmith.methods.apply import apply_method, transformers_model
 
 # --------------------------------------------------------------------------- threads
 
@@ -198,7 +198,7 @@ def test_inductor_compiled_run_matches_uncompiled(tiny_bert, tmp_path):
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e6, float("inf")])
 def test_clip_cpu_gradients_is_torchs_clipping_bit_for_bit(max_norm):
-    from tunesmith.training import clip_cpu_gradients
+    from tunesmith.loop.loop import clip_cpu_gradients
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 3))
@@ -218,7 +218,7 @@ def test_clip_cpu_gradients_is_torchs_clipping_bit_for_bit(max_norm):
 
 
 def test_clip_cpu_gradients_with_mixed_dtypes_and_none_uses_torch():
-    from tunesmith.training import clip_cpu_gradients
+    from tunesmith.loop.loop import clip_cpu_gradients
 
     a, b = torch.ones(4, requires_grad=True), torch.ones(4, dtype=torch.bfloat16, requires_grad=True)
     a.grad, b.grad = torch.full((4,), 3.0), torch.full((4,), 4.0, dtype=torch.bfloat16)

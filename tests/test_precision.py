@@ -72,7 +72,7 @@ def test_bf16_without_its_instructions_measures_slow_and_gets_fp32():
     it, as on an AVX2-only CPU): torch, oneDNN and MKL restricted to AVX2 in a child process, real
     matmuls, no mocks. On a CPU with bf16 flags the measurement must catch it; on one without, the flags."""
     script = (
-        "import torch; from tunesmith.precision import choose_precision; "
+        "import torch; from tunesmith.speed.precision import choose_precision; "
         "c = choose_precision('auto', torch.device('cpu')); print(c.precision); print(c.reason); "
         "print(torch.backends.cpu.get_cpu_capability())"
     )

@@ -28,14 +28,14 @@ from test_strategies import METHODS
 from tiny import ORGS, PEOPLE, PLACES, tiny_config, write_csv, write_jsonl
 from tunesmith import qa
 from tunesmith.cli import app
-from tunesmith.config import QuestionAnsweringTaskConfig, config_reference, load_config, parse_config
+from tunesmith.config.schema import QuestionAnsweringTaskConfig, config_reference, load_config, parse_config
 from tunesmith.data.splits import make_splits
-from tunesmith.data.squad import read_squad
+from tunesmith.tasks.question_answering.squad import read_squad
 from tunesmith.errors import ConfigError, DataError
-from tunesmith.metrics.question_answering import SpanAccumulator, best_null_threshold, exact_match, normalize_answer, squad_metrics
-from tunesmith.metrics.question_answering import f1 as token_f1
+from tunesmith.tasks.question_answering.metrics import SpanAccumulator, best_null_threshold, exact_match, normalize_answer, squad_metrics
+from tunesmith.tasks.question_answering.metrics import f1 as token_f1
 from tunesmith.tasks import get_task
-from tunesmith.tasks.question_answering import read_examples
+from tunesmith.tasks.question_answering.task import read_examples
 
 TASK = {"name": "question_answering", "max_length": 48, "doc_stride": 16}
 ROOT = Path(__file__).resolve().parents[1]
@@ -530,7 +530,7 @@ def test_evaluation_streams_spans_and_eval_command(v2_run, tmp_path):
     eval` on the SQuAD file gives the run's validation metrics."""
     from tunesmith.api import make_accelerator
     from tunesmith.data.batching import eval_loader
-    from tunesmith.training import run_evaluation
+    from tunesmith.loop.loop import run_evaluation
 
     result, _, train = v2_run
     loaded = tunesmith.load(result.run_dir)

@@ -18,10 +18,10 @@ import yaml
 from safetensors.torch import load_file
 
 import tunesmith
-from tunesmith.checkpoint import latest_checkpoint, remove_partial, step_dirs
+from tunesmith.loop.checkpoint import latest_checkpoint, remove_partial, step_dirs
 from tunesmith.errors import ConfigError, DataError
-from tunesmith.interrupt import TrainingInterrupted
-from tunesmith.lock import RunLock
+from tunesmith.loop.interrupt import TrainingInterrupted
+from tunesmith.runs.lock import RunLock
 from tiny import sentiment_rows, tiny_config, write_csv
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -105,7 +105,7 @@ def test_sigint_checkpoints_and_resume_is_bitwise_exact(tiny_bert, sentiment_csv
 def test_resume_refuses_weights_that_do_not_fit_the_model(tiny_bert, sentiment_csv, tmp_path, monkeypatch, damage):
     from safetensors.torch import save_file
 
-    from tunesmith.checkpoint import CheckpointError
+    from tunesmith.loop.checkpoint import CheckpointError
 
     _interrupt_at_step(monkeypatch, 3)
     with pytest.raises(TrainingInterrupted):
@@ -189,7 +189,7 @@ def test_partial_checkpoint_is_ignored_and_cleaned(tmp_path):
 )
 def test_failed_save_keeps_previous_checkpoint(tiny_bert, sentiment_csv, tmp_path, monkeypatch, fault, message):
     from tunesmith import checkpoint as checkpoint_module
-    from tunesmith.checkpoint import CheckpointError
+    from tunesmith.loop.checkpoint import CheckpointError
 
     real_save = checkpoint_module.save_file
     calls = {"n": 0}
@@ -214,7 +214,7 @@ def test_failed_save_keeps_previous_checkpoint(tiny_bert, sentiment_csv, tmp_pat
 
 def _poison_losses(monkeypatch, poisoned_calls: set[int]) -> None:
     """The training loss of the given training batches (counted from 1) is multiplied by NaN."""
-    from tunesmith.tasks.classification import ClassificationTask
+    from tunesmith.tasks.classification.task import ClassificationTask
 
     real_loss_fn = ClassificationTask.loss_fn
 
@@ -235,7 +235,7 @@ def _poison_losses(monkeypatch, poisoned_calls: set[int]) -> None:
 
 
 def test_nonfinite_loss_skipped_then_stops(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
-    from tunesmith.training import TrainingDiverged
+    from tunesmith.loop.loop import TrainingDiverged
 
     _poison_losses(monkeypatch, {3, 4})
     result = tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "skip", num_train_epochs=1), show_progress=False)
@@ -286,7 +286,7 @@ class _CountingAccelerator:
 
 
 def test_loss_window_reads_the_losses_once_per_optimizer_step():
-    from tunesmith.training import LoopResult, _add_to_running_loss, _LossWindow, _reported_loss
+    from tunesmith.loop.loop import LoopResult, _add_to_running_loss, _LossWindow, _reported_loss
 
     accelerator = _CountingAccelerator()
     losses = _LossWindow(accelerator)
@@ -340,9 +340,9 @@ class _FakeScheduler:
 def _note_updates(tmp_path, outcomes: str, scaler=None, limit: int = 2):
     """Feed `_note_update` one step per character (g: good, o: finite loss with inf gradients, n: NaN loss);
     returns the loop's counters and the log's record types."""
-    from tunesmith.config import TrainConfig
-    from tunesmith.run import JsonlLog
-    from tunesmith.training import LoopResult, _note_update
+    from tunesmith.config.schema import TrainConfig
+    from tunesmith.runs.rundir import JsonlLog
+    from tunesmith.loop.loop import LoopResult, _note_update
 
     result, logbook = LoopResult(), JsonlLog(tmp_path / "log.jsonl")
     losses = {"g": 0.5, "o": 0.5, "n": float("nan")}
@@ -362,14 +362,14 @@ def test_fp16_overflow_skips_are_logged_not_counted(tmp_path):
 
 
 def test_gradient_overflow_without_a_scaler_counts(tmp_path):
-    from tunesmith.training import TrainingDiverged
+    from tunesmith.loop.loop import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match="stopped at step 3: 3 consecutive steps"):
         _note_updates(tmp_path, "ooo")
 
 
 def test_nonfinite_count_resets_on_a_good_update(tmp_path):
-    from tunesmith.training import TrainingDiverged
+    from tunesmith.loop.loop import TrainingDiverged
 
     result, types = _note_updates(tmp_path, "nngnngnng", scaler=_FakeScaler())
     assert types == ["skipped"] * 6 and result.nonfinite_steps == 0

@@ -57,8 +57,8 @@ def test_overfit_save_reload_predict(method, pretrained_tiny_bert, sentiment_csv
 
 
 def test_trainable_parameter_counts(tiny_bert):
-    from tunesmith.config import MethodConfig
-    from tunesmith.methods import apply_method, count_parameters
+    from tunesmith.config.schema import MethodConfig
+    from tunesmith.methods.apply import apply_method, count_parameters
 
     def fresh():
         return AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
@@ -80,7 +80,7 @@ def test_trainable_parameter_counts(tiny_bert):
 def test_tied_weights_are_optimised_once():
     from transformers import BartConfig, BartForSequenceClassification
 
-    from tunesmith.training import optimizer_groups
+    from tunesmith.loop.loop import optimizer_groups
 
     model = BartForSequenceClassification(BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
                                                       encoder_attention_heads=2, decoder_attention_heads=2,

@@ -18,12 +18,12 @@ from families import FamilyCache
 from test_strategies import LEARNING_RATES, METHODS
 from tiny import ner_rows, tiny_config, write_conll, write_jsonl
 from tunesmith.cli import app
-from tunesmith.config import parse_config
+from tunesmith.config.schema import parse_config
 from tunesmith.data.splits import make_splits
 from tunesmith.errors import DataError
-from tunesmith.metrics.token_classification import TagAccumulator, entity_metrics
+from tunesmith.tasks.token_classification.metrics import TagAccumulator, entity_metrics
 from tunesmith.tasks import get_task
-from tunesmith.tasks.token_classification import convert_tags, detect_scheme, tag_spans, words_with_offsets
+from tunesmith.tasks.token_classification.task import convert_tags, detect_scheme, tag_spans, words_with_offsets
 
 TASK = {"name": "token_classification", "max_length": 32}
 
@@ -399,7 +399,7 @@ def test_model_families(family, family_model, tmp_path):
 def test_example_config_and_reference():
     from pathlib import Path
 
-    from tunesmith.config import TokenClassificationTaskConfig, config_reference, load_config
+    from tunesmith.config.schema import TokenClassificationTaskConfig, config_reference, load_config
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "ner.yaml")
@@ -413,7 +413,7 @@ def test_example_config_and_reference():
 
 
 def test_prediction_inputs_and_outputs(tmp_path):
-    from tunesmith.predict_io import read_inputs, render_predictions
+    from tunesmith.cli.predict_io import read_inputs, render_predictions
 
     cfg = parse_config({"task": TASK})
     write_jsonl(tmp_path / "in.jsonl", [{"tokens": ["Anna", "sings"]}, {"tokens": ["Oslo"]}])

@@ -18,7 +18,7 @@ _API = {"train", "evaluate", "predict", "load", "RunResult", "LoadedRun"}
 def __getattr__(name: str):
     # Importing torch/transformers takes seconds; `tunesmith --help` and config tools should not pay it.
     if name in _API:
-        from . import api
+        from tunesmith import api
 
         return getattr(api, name)
     if name == "qa":  # `tunesmith.qa.answer`: question answering with any AutoModelForQuestionAnswering

@@ -16,27 +16,27 @@ import torch
 import transformers
 import yaml
 
-from .assets import resolve_model_path
-from .config import ModelConfig, RunConfig, coerce_config, parse_config
-from .data.batching import eval_loader, train_loader
-from .data.splits import data_file_paths, make_splits
-from . import distributed
-from .embedding_rows import dataset_token_ids, train_seen_rows_only
-from .errors import ConfigError, TunesmithError
-from .first_token import first_token_only
-from .memory import check_memory
-from .methods import apply_method, count_parameters, is_peft
-from .precision import choose_precision
-from .performance import apply_speed_options, configure_threads, restore_speed_options
-from .lock import RunLock, check_unlocked
-from .resume import check_fingerprint, fingerprint, plan_resume
-from .interrupt import StopSignals, TrainingInterrupted
-from .run import (
+from tunesmith.assets import resolve_model_path
+from tunesmith.config.schema import ModelConfig, RunConfig, coerce_config, parse_config
+from tunesmith.data.batching import eval_loader, train_loader
+from tunesmith.data.splits import data_file_paths, make_splits
+from tunesmith.distributed import strategies as distributed
+from tunesmith.speed.embedding_rows import dataset_token_ids, train_seen_rows_only
+from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.speed.first_token import first_token_only
+from tunesmith.speed.memory import check_memory
+from tunesmith.methods.apply import apply_method, count_parameters, is_peft
+from tunesmith.speed.precision import choose_precision
+from tunesmith.speed.performance import apply_speed_options, configure_threads, restore_speed_options
+from tunesmith.runs.lock import RunLock, check_unlocked
+from tunesmith.loop.resume import check_fingerprint, fingerprint, plan_resume
+from tunesmith.loop.interrupt import StopSignals, TrainingInterrupted
+from tunesmith.runs.rundir import (
     check_run_dir, create_run_dir, discard_new_run_dir, drop_previous_run, model_card, provenance, put_back_previous_run,
     finished_run_dir, run_state, save_config, write_json,
 )
-from .tasks import Task, get_task
-from .training import greater_is_better, run_evaluation, train_loop
+from tunesmith.tasks import Task, get_task
+from tunesmith.loop.loop import greater_is_better, run_evaluation, train_loop
 
 log = logging.getLogger("tunesmith")
 distributed.import_deepspeed_only_when_used()
@@ -351,7 +351,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
     }
     feature_cache_seconds = None
     if cfg.method.name == "frozen" and cfg.train.cache_frozen_features:
-        from .features import cache_body
+        from tunesmith.methods.feature_cache import cache_body
 
         # The encoder's one pass, before the loop: not part of train_seconds, reported next to it.
         cache_start = time.perf_counter()
@@ -403,7 +403,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         "precision": precision.precision,
     }
 
-    from .features import uncache_body
+    from tunesmith.methods.feature_cache import uncache_body
 
     uncache_body(accelerator.unwrap_model(model))
     # Under FSDP2 every process gathers the full weights together; the main process gets a plain model.
@@ -440,7 +440,7 @@ def _skip_unseen_rows(model, cfg: RunConfig, device: torch.device, train_data, t
 def _launcher_fsdp(cfg: RunConfig) -> bool:
     """`accelerate launch` with an FSDP config means `train.fsdp: true` (recorded so in config.yaml,
     so a resume shards again whatever launches it)."""
-    from .distributed import requested_strategy
+    from tunesmith.distributed.strategies import requested_strategy
 
     if requested_strategy() != "fsdp":
         return False

@@ -15,8 +15,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, DataError, shown
-from .paths import safe_join
+from tunesmith.errors import ConfigError, DataError, shown
+from tunesmith.paths import safe_join
 
 BUNDLED_PREFIX = "bundled:"
 

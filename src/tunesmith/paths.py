@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from .errors import ConfigError, DataError, shown
+from tunesmith.errors import ConfigError, DataError, shown
 
 _DRIVE = re.compile(r"^[A-Za-z]:")  # Windows drive letters, refused on every platform
 

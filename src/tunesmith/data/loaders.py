@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import DataError, shown
+from tunesmith.errors import DataError, shown
 
 TABLE_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet", ".pq", ".txt"}
 
@@ -381,7 +381,7 @@ def _read_parquet(path: Path) -> Table:
 
 
 def _existing_file(path: str | Path, field: str) -> Path:
-    from ..paths import check_data_path
+    from tunesmith.paths import check_data_path
 
     path = check_data_path(path, field)
     if path.is_dir():

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from ..assets import BUNDLED_PREFIX, bundled_dataset_frame
-from ..config import DataConfig
-from ..errors import DataError
-from .loaders import Table, is_disk_dataset, read_disk_dataset, read_file, read_hub_dataset
+from tunesmith.assets import BUNDLED_PREFIX, bundled_dataset_frame
+from tunesmith.config.schema import DataConfig
+from tunesmith.errors import DataError
+from tunesmith.data.loaders import Table, is_disk_dataset, read_disk_dataset, read_file, read_hub_dataset
 
 SPLIT_ALIASES = {"validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
 

@@ -16,7 +16,7 @@ import datasets
 
 
 def cache_dir() -> Path:
-    from ..paths import cache_root
+    from tunesmith.paths import cache_root
 
     path = cache_root() / "tokenized"
     path.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .base import Task
-from .classification import ClassificationTask
-from .question_answering import QuestionAnsweringTask
-from .token_classification import TokenClassificationTask
+from tunesmith.tasks.base import Task
+from tunesmith.tasks.classification.task import ClassificationTask
+from tunesmith.tasks.question_answering.task import QuestionAnsweringTask
+from tunesmith.tasks.token_classification.task import TokenClassificationTask
 
 TASKS: dict[str, type[Task]] = {
     "classification": ClassificationTask,

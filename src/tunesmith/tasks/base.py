@@ -16,7 +16,7 @@ import torch
 
 from transformers import DataCollatorWithPadding
 
-from ..data.loaders import Table, read_file
+from tunesmith.data.loaders import Table, read_file
 
 
 class Task(ABC):

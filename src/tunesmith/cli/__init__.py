@@ -1,0 +1,5 @@
+"""The command line: a thin typer layer over the Python API (`tunesmith.api`)."""
+
+from .app import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,237 @@
+"""Fine-tuning strategies, generic over tasks and architectures.
+
+- `full`: every parameter trains.
+- `last_n`: embeddings and all but the last N transformer layers of each layer stack are frozen.
+- `frozen`: only the task head trains.
+- `lora` / `dora` / `ia3`: `peft` adapters, with the task head in `modules_to_save` so the adapter
+  folder alone restores the model.
+
+The task head is found structurally: the children of the `...For<Task>` model other than its base
+model (`model.base_model_prefix`). Layer stacks are the `nn.ModuleList`s of identical blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tunesmith.config.schema import MethodConfig
+
+log = logging.getLogger("tunesmith")
+
+PEFT_METHODS = {"lora", "dora", "ia3"}
+
+
+@dataclass
+class ParamCount:
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable / max(self.total, 1)
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({share:.2f}%)"
+
+
+def parameter_numel(p: torch.Tensor) -> int:
+    """A parameter's full size. Under DeepSpeed ZeRO-3 the tensor itself is an empty placeholder
+    (this process's partition lives in `ds_tensor`); `ds_numel` and `ds_shape` keep the full size and shape."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def parameter_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's full shape, also under ZeRO-3 (see `parameter_numel`)."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += parameter_numel(p)
+        trainable += parameter_numel(p) if p.requires_grad else 0
+    return ParamCount(trainable, total)
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    prefix = getattr(model, "base_model_prefix", "")
+    return getattr(model, prefix, model) if prefix else model
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Top-level children that belong to the task head (have parameters, are not the base model)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    names = [
+        name
+        for name, child in model.named_children()
+        if name != prefix and any(True for _ in child.parameters())
+    ]
+    if not names:
+        raise ValueError(f"{type(model).__name__}: could not find a task head next to base model '{prefix}'")
+    return names
+
+
+def layer_stacks(module: nn.Module) -> list[nn.ModuleList]:
+    """ModuleLists of >= 2 blocks of one type: encoder.layer, h, layers, block (encoder and decoder)."""
+    stacks = []
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList) and len(child) >= 2 and len({type(b) for b in child}) == 1:
+            if any(True for _ in child[0].parameters()) and not any(child in s.modules() for s in stacks):
+                stacks.append(child)
+    return stacks
+
+
+def _freeze_all_but_head(model: nn.Module) -> None:
+    heads = set(head_module_names(model))
+    for name, child in model.named_children():
+        child.requires_grad_(name in heads)
+    # A frozen encoder is a fixed feature extractor: keep it in eval mode (no dropout) even while the
+    # head trains, so each example's features never change — which is what lets `features.cache_body`
+    # compute them once and still train exactly like the uncached path.
+    body = base_model(model)
+    if body is not model:
+        body.register_forward_pre_hook(_stay_in_eval_mode)
+
+
+def _stay_in_eval_mode(module: nn.Module, args: tuple) -> None:
+    if module.training:
+        module.train(False)
+    return None  # a pre-hook's non-None return would replace the forward's arguments
+
+
+def _apply_last_n(model: nn.Module, n: int) -> None:
+    body = base_model(model)
+    stacks = layer_stacks(body)
+    if not stacks:
+        raise ValueError(f"{type(model).__name__}: no transformer layer stack found for method last_n")
+    body.requires_grad_(False)
+    in_stacks = {id(p) for stack in stacks for p in stack.parameters()}
+    embeddings = {id(p) for p in body.get_input_embeddings().parameters()} if hasattr(body, "get_input_embeddings") else set()
+    # Every nn.Embedding outside the layer stacks is an embedding too, whatever its name: GPT-2's
+    # position table is `wpe`, which the name test below misses (it would otherwise train).
+    embeddings |= {id(p) for m in body.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    for stack in stacks:
+        # max(): with n beyond a stack's depth, a negative start would slice off all but the last blocks.
+        for block in list(stack)[max(len(stack) - n, 0) :] if n > 0 else []:
+            block.requires_grad_(True)
+    # Parameters after the last layer (final norms, poolers) train too; embeddings never do.
+    for name, p in body.named_parameters():
+        if id(p) not in in_stacks and id(p) not in embeddings and "embed" not in name and "emb" not in name.split(".")[-1]:
+            p.requires_grad_(True)
+    for name in head_module_names(model):
+        getattr(model, name).requires_grad_(True)
+
+
+def _peft_config(cfg: MethodConfig, model: nn.Module, task_type: str):
+    import peft
+
+    heads = head_module_names(model)
+    target = cfg.target_modules
+    if target == "auto":
+        target = _auto_target_modules(model, cfg.name)
+    common = {"task_type": task_type, "modules_to_save": heads}
+    if cfg.name == "ia3":
+        feedforward = _ia3_feedforward(model, target)
+        return peft.IA3Config(target_modules=target, feedforward_modules=feedforward, **common)
+    return peft.LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=target,
+        use_dora=cfg.name == "dora",
+        **common,
+    )
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """Full names of the body's linear layers (GPT-2's Conv1D counts as linear)."""
+    heads = tuple(head_module_names(model))
+    return [
+        name
+        for name, module in model.named_modules()
+        if not name.startswith(heads) and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
+    ]
+
+
+def _matches(target: str, names: list[str]) -> bool:
+    return any(name == target or name.endswith("." + target) for name in names)
+
+
+def _auto_target_modules(model: nn.Module, method: str) -> list[str]:
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    )
+
+    mapping = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING if method == "ia3" else TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    model_type = getattr(model.config, "model_type", "")
+    linear = _linear_names(model)
+    if model_type in mapping and all(_matches(t, linear) for t in mapping[model_type]):
+        return list(mapping[model_type])
+    # Architectures peft has no default for: every linear layer of the body, by its last name.
+    return sorted({name.split(".")[-1] for name in linear})
+
+
+FEEDFORWARD_WORDS = ("fc2", "down_proj", "wo", "lin2", "c_proj", "dense_4h_to_h", "output.dense")
+
+
+def _ia3_feedforward(model: nn.Module, target: list[str] | str) -> list[str]:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+
+    model_type = getattr(model.config, "model_type", "")
+    known = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
+    targets = [target] if isinstance(target, str) else list(target)
+    if known and all(k in targets for k in known):
+        return list(known)
+    # IA3 scales the *input* of feed-forward output layers; elsewhere it scales outputs.
+    return [t for t in targets if t in FEEDFORWARD_WORDS]
+
+
+def apply_method(model: nn.Module, cfg: MethodConfig, task_type: str) -> nn.Module:
+    """Freeze or wrap `model` for the configured strategy; logs trainable vs total parameters."""
+    if cfg.name == "full":
+        model.requires_grad_(True)
+    elif cfg.name == "frozen":
+        _freeze_all_but_head(model)
+    elif cfg.name == "last_n":
+        _apply_last_n(model, cfg.last_n_layers)
+    elif cfg.name in PEFT_METHODS:
+        import peft
+
+        model = peft.get_peft_model(model, _peft_config(cfg, model, task_type))
+    counts = count_parameters(model)
+    log.info("method %s: %s", cfg.name, counts)
+    if counts.trainable == 0:
+        raise ValueError(f"method {cfg.name}: no trainable parameters; check method settings")
+    return model
+
+
+def is_peft(model: nn.Module) -> bool:
+    try:
+        import peft
+
+        return isinstance(model, peft.PeftModel)
+    except ImportError:
+        return False
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes; restoring them restores the model exactly."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
