@@ -25,7 +25,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import DistributedType
 
 from test_distributed import assert_matches_single_run, ddp_config, free_port, launch_env, single_and_ddp_config
-from tunesmith import distributed
+from tunesmith.distributed import strategies as distributed
 from tunesmith.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

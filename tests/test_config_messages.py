@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tunesmith import config as config_module
+from tunesmith.config import schema as config_module
 from tunesmith.cli import app
 from tunesmith.config.schema import RunConfig, TrainConfig, load_config, parse_config
 from tunesmith.errors import ConfigError

@@ -353,7 +353,7 @@ def test_attention_forward_bf16_rounds_like_eager_attention_and_upcast_keeps_sdp
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("mask_kind", ["bool", "float", None])
 def test_a_broadcast_query_computes_its_one_row(dropout, mask_kind, monkeypatch):
-    from tunesmith import cpu_fastpath
+    from tunesmith.speed import cpu_fastpath as cpu_fastpath
 
     module = _Attention().train()
     q, k, v = _qkv()

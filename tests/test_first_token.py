@@ -137,7 +137,7 @@ def test_training_records_it_and_saves_a_plain_model(tiny_bert, tmp_path, monkey
     assert again["accuracy"] == result.metrics["test"]["accuracy"]
     # predict and evaluate use the shortcut only while they run: the loaded model stays plain.
     texts = ["a fine film", "dull and slow", "great cast , thin plot"]
-    from tunesmith import first_token
+    from tunesmith.speed import first_token as first_token
 
     calls = []
     original = first_token._FirstTokenOnly.forward

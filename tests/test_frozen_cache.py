@@ -35,7 +35,7 @@ def test_cached_and_uncached_frozen_training_agree(pretrained_tiny_bert, sentime
 
 
 def test_cached_body_used_during_training(pretrained_tiny_bert, sentiment_csv, tmp_path, monkeypatch):
-    from tunesmith import features
+    from tunesmith.methods import feature_cache as features
 
     calls = {"lookups": 0}
     original = features.CachedBody.forward

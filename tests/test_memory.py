@@ -16,7 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import tunesmith
 from tiny import tiny_config
-from tunesmith import memory
+from tunesmith.speed import memory as memory
 from tunesmith.config.schema import MethodConfig, parse_config
 from tunesmith.errors import ResourceError
 from tunesmith.speed.memory import check_memory, estimate_training_memory

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, BertForSequenceClas
 
 import tunesmith
 from tiny import sentiment_rows, tiny_config
-from tunesmith import performance
+from tunesmith.speed import performance as performance
 from tunesmith.config.schema import MethodConfig, TrainConfig, load_config
 from tunesmith.errors import ConfigError
 from tunesmith.methods.apply import apply_method, transformers_model

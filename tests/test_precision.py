@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunesmith import precision
+from tunesmith.speed import precision as precision
 from tunesmith.errors import ConfigError
 
 CPU = torch.device("cpu")

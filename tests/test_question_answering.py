@@ -26,7 +26,7 @@ from families import FamilyCache
 from test_model_families import _one_thread  # noqa: F401 - autouse: one torch thread for tiny models
 from test_strategies import METHODS
 from tiny import ORGS, PEOPLE, PLACES, tiny_config, write_csv, write_jsonl
-from tunesmith import qa
+from tunesmith.tasks.question_answering import inference as qa
 from tunesmith.cli import app
 from tunesmith.config.schema import QuestionAnsweringTaskConfig, config_reference, load_config, parse_config
 from tunesmith.data.splits import make_splits

@@ -188,7 +188,7 @@ def test_partial_checkpoint_is_ignored_and_cleaned(tmp_path):
     ids=["disk-full", "out-of-memory"],
 )
 def test_failed_save_keeps_previous_checkpoint(tiny_bert, sentiment_csv, tmp_path, monkeypatch, fault, message):
-    from tunesmith import checkpoint as checkpoint_module
+    from tunesmith.loop import checkpoint as checkpoint_module
     from tunesmith.loop.checkpoint import CheckpointError
 
     real_save = checkpoint_module.save_file

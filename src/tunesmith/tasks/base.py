@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import torch
@@ -17,6 +17,21 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from tunesmith.data.loaders import Table, read_file
+
+
+class Losses(NamedTuple):
+    """A batch's loss, per example (dim 0): each example's loss summed over its units, and how many units
+    it has (1 for a sequence-level loss; its target tokens for a token-level one). The loop divides the
+    sum over an optimizer step's micro-batches and processes by the units over all of them, so every unit
+    weighs the same however the batch is split (transformers PR 34191); evaluation reports sum / units."""
+
+    sums: torch.Tensor
+    units: torch.Tensor
+
+    @classmethod
+    def per_example(cls, losses: torch.Tensor) -> "Losses":
+        """Sequence-level losses, one unit each."""
+        return cls(losses, torch.ones_like(losses))
 
 
 class Task(ABC):
@@ -35,8 +50,9 @@ class Task(ABC):
         """Extra tokenizer loading options (e.g. `add_prefix_space` for word-level input to BPE tokenizers)."""
         return {}
 
-    def collator(self, tokenizer):
-        """Pads a list of encoded examples into a batch."""
+    def collator(self, tokenizer, model=None):
+        """Pads a list of encoded examples into a batch. `model` is the model being trained (seq2seq
+        collators build decoder inputs with it); None where only inference runs."""
         return DataCollatorWithPadding(tokenizer)
 
     def split_batch(self, batch: dict) -> tuple[dict, torch.Tensor, dict]:
@@ -49,9 +65,27 @@ class Task(ABC):
         """The one tensor the loss and metrics read from the model's outputs."""
         return outputs.logits
 
-    def update(self, accumulator, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, extras: dict, state: dict) -> None:
-        """Feed one evaluation batch to the streaming accumulator."""
-        accumulator.update(self.scores(logits, state), labels, loss)
+    def training_losses(self, model, inputs: dict, labels, loss_fn) -> Losses:
+        """One training micro-batch's forward pass and loss."""
+        return loss_fn(self.logits(model(**inputs)), labels)
+
+    def evaluation_batch(self, model, inputs: dict, labels, extras: dict, loss_fn, state: dict) -> dict[str, torch.Tensor]:
+        """One evaluation batch reduced, on this process, to what the metrics keep: tensors whose first
+        dimension is the batch's examples (a task that generates calls `model.generate` here). Only these
+        are gathered across processes (2-D and larger ones padded along dimension 1 with -100 first), never
+        per-token logits. Always includes the per-example `loss_sums` and `loss_units`."""
+        logits = self.logits(model(**inputs))
+        losses = loss_fn(logits, labels)
+        return {"scores": self.scores(logits, state), "labels": labels, "loss_sums": losses.sums, "loss_units": losses.units}
+
+    def update(self, accumulator, reduced: dict[str, torch.Tensor], state: dict) -> None:
+        """Fold one gathered `evaluation_batch` into the streaming accumulator."""
+        accumulator.update(reduced["scores"], reduced["labels"], reduced["loss_sums"], reduced["loss_units"])
+
+    def references(self, cfg, table: Table, state: dict) -> Any:
+        """What the metrics of an evaluated table need besides the model's outputs (QA: contexts and gold
+        answers; generation: the untruncated target texts); handed to `new_accumulator`."""
+        return None
 
     @abstractmethod
     def stratify_key(self, cfg) -> Callable[[Any], Any]:
@@ -78,12 +112,12 @@ class Task(ABC):
         """Extra `from_pretrained` kwargs (num_labels, id2label, ...)."""
 
     @abstractmethod
-    def loss_fn(self, cfg, state: dict, train: datasets.Dataset) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Loss of a batch from logits and labels."""
+    def loss_fn(self, cfg, state: dict, train: datasets.Dataset | None) -> Callable[[torch.Tensor, torch.Tensor], Losses]:
+        """The per-example losses of a batch from logits and labels (`train` None: evaluation only, the plain loss)."""
 
     @abstractmethod
-    def new_accumulator(self, state: dict):
-        """A streaming metrics accumulator for one evaluation pass."""
+    def new_accumulator(self, state: dict, references: Any = None):
+        """A streaming metrics accumulator for one evaluation pass over a table (`references`: see `references`)."""
 
     @abstractmethod
     def scores(self, logits: torch.Tensor, state: dict) -> torch.Tensor:
