@@ -162,7 +162,7 @@ POISON = textwrap.dedent(
                 if train is not None and logits.requires_grad:
                     calls[0] += 1
                     if calls[0] in (3, 4):
-                        return inner(logits, labels) * float("nan")
+                        return inner(logits, labels)._replace(sums=inner(logits, labels).sums * float("nan"))
                 return inner(logits, labels)
             return loss
         ClassificationTask.loss_fn = poisoned

@@ -17,7 +17,8 @@ from tunesmith.tasks.classification.metrics import (
 def _accumulate(scores, targets, batch=7):
     acc = ScoreAccumulator()
     for i in range(0, len(scores), batch):
-        acc.update(torch.tensor(scores[i : i + batch]), torch.tensor(targets[i : i + batch]), torch.tensor(0.5))
+        n = len(targets[i : i + batch])
+        acc.update(torch.tensor(scores[i : i + batch]), torch.tensor(targets[i : i + batch]), torch.full((n,), 0.5), torch.ones(n))
     return acc
 
 

@@ -537,7 +537,9 @@ def test_evaluation_streams_spans_and_eval_command(v2_run, tmp_path):
     table = loaded.task.reader(loaded.config.task)(train, "utf-8", "DATA")
     dataset = loaded.task.encode(loaded.config.task, table, loaded.tokenizer, loaded.state)
     loader = eval_loader(dataset, loaded.tokenizer, 4, loaded.task.collator(loaded.tokenizer))
-    metrics, accumulator = run_evaluation(loaded.model, loader, loaded.task, loaded.state, qa.span_loss, make_accelerator("no"))
+    references = loaded.task.references(loaded.config.task, table, loaded.state)
+    loss_fn = loaded.task.loss_fn(loaded.config.task, loaded.state, None)
+    metrics, accumulator = run_evaluation(loaded.model, loader, loaded.task, loaded.state, loss_fn, make_accelerator("no"), references)
     assert isinstance(accumulator, SpanAccumulator) and accumulator.windows == len(dataset) > 8
     kept = [span for spans in accumulator.spans.spans.values() for span in spans]
     assert len(kept) <= 32 and all(isinstance(span, qa.Span) for span in kept) and len(accumulator.spans.null) == 32

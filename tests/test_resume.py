@@ -226,7 +226,7 @@ def _poison_losses(monkeypatch, poisoned_calls: set[int]) -> None:
             if train is not None and logits.requires_grad:
                 calls["n"] += 1
                 if calls["n"] in poisoned_calls:
-                    return inner(logits, labels) * float("nan")
+                    return inner(logits, labels)._replace(sums=inner(logits, labels).sums * float("nan"))
             return inner(logits, labels)
 
         return loss

@@ -334,7 +334,8 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
 
     metric, bigger = _best_metric(cfg, task, state)
     loss_fn = task.loss_fn(cfg.task, state, encoded["train"])
-    collator = task.collator(tokenizer)
+    collator = task.collator(tokenizer, model)
+    references = {s: task.references(cfg.task, tables[s], state) for s in ("validation", "test") if s in tables}
     # Loaders yield global batches that accelerate splits across processes (`split_batches`), so a run
     # on N processes sees exactly the batches of a one-process run with N times the batch size.
     processes = accelerator.num_processes
@@ -374,20 +375,23 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         show_progress=show_progress,
         resume=checkpoint,
         fingerprint=run_fingerprint,
+        eval_references=references.get("validation"),
     )
 
     # From here a Ctrl-C is acknowledged and the run goes on saving; a second one abandons it (during the
     # loop, the loop's own handler stops at the next step with a checkpoint).
     cleanup.enter_context(StopSignals(notice=_saving_notice if accelerator.is_main_process else None))
     # Final numbers come from the best checkpoint (restored by the loop).
-    val_metrics, val_acc = run_evaluation(model, accelerator.prepare(loaders["validation"]), task, state, loss_fn, accelerator)
+    val_metrics, val_acc = run_evaluation(model, accelerator.prepare(loaders["validation"]), task, state, loss_fn, accelerator,
+                                           references.get("validation"))
     tuned = task.after_training(cfg.task, state, val_acc)
     if tuned != state:
         state = tuned
         val_metrics = task.compute_metrics(val_acc, state)
     metrics: dict[str, Any] = {"validation": val_metrics}
     if "test" in loaders:
-        metrics["test"], _ = run_evaluation(model, accelerator.prepare(loaders["test"]), task, state, loss_fn, accelerator)
+        metrics["test"], _ = run_evaluation(model, accelerator.prepare(loaders["test"]), task, state, loss_fn, accelerator,
+                                        references["test"])
     metrics["train"] = {
         "global_step": loop.global_step,
         "epochs": loop.epochs_completed,
@@ -588,7 +592,8 @@ def evaluate(run_dir: str | os.PathLike | LoadedRun, data: str | os.PathLike, ba
     dataset = loaded.task.encode(loaded.config.task, table, loaded.tokenizer, loaded.state)
     # Class weights shape the training loss only; evaluation reports the plain loss.
     loss_fn = loaded.task.loss_fn(loaded.config.task, loaded.state, None)
-    loader = eval_loader(dataset, loaded.tokenizer, batch_size, loaded.task.collator(loaded.tokenizer))
+    loader = eval_loader(dataset, loaded.tokenizer, batch_size, loaded.task.collator(loaded.tokenizer, loaded.model))
+    references = loaded.task.references(loaded.config.task, table, loaded.state)
     with first_token_only(loaded.model, loaded.task.sequence_head):
-        metrics, _ = run_evaluation(loaded.model, loader, loaded.task, loaded.state, loss_fn, make_accelerator("no"))
+        metrics, _ = run_evaluation(loaded.model, loader, loaded.task, loaded.state, loss_fn, make_accelerator("no"), references)
     return metrics

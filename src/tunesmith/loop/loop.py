@@ -114,19 +114,23 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 @torch.inference_mode()
-def run_evaluation(model: nn.Module, loader: DataLoader, task, state: dict, loss_fn: Callable, accelerator: Accelerator):
-    """One pass over `loader`; returns (metrics, accumulator). Only per-example scores are kept."""
+def run_evaluation(model: nn.Module, loader: DataLoader, task, state: dict, loss_fn: Callable, accelerator: Accelerator,
+                   references=None):
+    """One pass over `loader`; returns (metrics, accumulator). Each batch is reduced by the task on its own
+    process (per-example scores, generated ids) before anything is gathered: never per-token logits."""
     model.eval()
-    accumulator = task.new_accumulator(state)
+    accumulator = task.new_accumulator(state, references)
     for batch in loader:
         inputs, labels, extras = task.split_batch(batch)
         with accelerator.autocast():
-            logits = task.logits(model(**inputs))
+            reduced = task.evaluation_batch(model, inputs, labels, extras, loss_fn, state)
         # Under DDP, gather the batch first (one batch at a time: memory stays bounded). accelerate
         # pads the last global batch with repeated samples and `gather_for_metrics` drops them, so
         # metrics and loss cover each validation example exactly once.
-        logits, labels, extras = accelerator.gather_for_metrics((logits, labels, extras))
-        task.update(accumulator, logits, labels, loss_fn(logits, labels), extras, state)
+        if accelerator.num_processes > 1:
+            reduced = {k: accelerator.pad_across_processes(v, dim=1, pad_index=-100) if v.ndim >= 2 else v
+                       for k, v in reduced.items()}
+        task.update(accumulator, accelerator.gather_for_metrics(reduced), state)
     model.train()
     return task.compute_metrics(accumulator, state), accumulator
 
@@ -262,6 +266,7 @@ def train_loop(
     show_progress: bool = True,
     resume: Checkpoint | None = None,
     fingerprint: dict | None = None,
+    eval_references=None,
 ) -> LoopResult:
     """Train; with `resume`, continue from that checkpoint exactly where the run stopped.
 
@@ -331,7 +336,7 @@ def train_loop(
     def evaluate_and_track(epoch: float) -> bool:
         """Evaluate, keep the best weights; returns True when early stopping triggers."""
         eval_start = time.perf_counter()
-        metrics, _ = run_evaluation(model, eval_loader, task, state, loss_fn, accelerator)
+        metrics, _ = run_evaluation(model, eval_loader, task, state, loss_fn, accelerator, eval_references)
         value = metrics.get(metric)
         if value is None:
             available = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)))
@@ -387,8 +392,8 @@ def train_loop(
                     if sharded:  # FSDP2: reduce-scatter gradients only on the micro-batch that steps
                         model.set_requires_gradient_sync(accelerator.sync_gradients)
                     with accelerator.autocast(), attention_kernel(inputs, accelerator.device.type, math_attention_max):
-                        logits = task.logits(model(**inputs))
-                    loss = loss_fn(logits, labels)
+                        step_losses = task.training_losses(model, inputs, labels, loss_fn)
+                    loss = step_losses.sums.sum() / step_losses.units.sum().clamp_min(1)
                     losses.add(loss, len(labels))
                     # DeepSpeed's engine updates the weights inside accelerate's backward, before the
                     # check below could skip the update: a non-finite loss must not reach it (every

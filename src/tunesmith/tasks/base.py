@@ -34,6 +34,23 @@ class Losses(NamedTuple):
         return cls(losses, torch.ones_like(losses))
 
 
+class LossTotal:
+    """An evaluation pass's loss, folded batch by batch: the sum over every unit divided by the units."""
+
+    def __init__(self) -> None:
+        self.sum = 0.0
+        self.units = 0.0
+
+    def add(self, sums: torch.Tensor | None, units: torch.Tensor | None) -> None:
+        if sums is not None:
+            self.sum += float(sums.detach().double().sum())
+            self.units += float(units.detach().double().sum())
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.units if self.units else 0.0
+
+
 class Task(ABC):
     name: str
     auto_model_class: str  # name of the transformers Auto class, e.g. AutoModelForSequenceClassification

@@ -15,6 +15,8 @@ import torch
 from scipy import stats
 from sklearn import metrics as skm
 
+from tunesmith.tasks.base import LossTotal
+
 
 class ScoreAccumulator:
     """Collects per-example scores (probabilities or regression outputs), targets and the loss."""
@@ -22,14 +24,14 @@ class ScoreAccumulator:
     def __init__(self) -> None:
         self._scores: list[np.ndarray] = []
         self._targets: list[np.ndarray] = []
-        self.loss_sum = 0.0
+        self.losses = LossTotal()
         self.count = 0
 
-    def update(self, scores: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor | None = None) -> None:
+    def update(self, scores: torch.Tensor, targets: torch.Tensor, loss_sums: torch.Tensor | None = None,
+               loss_units: torch.Tensor | None = None) -> None:
         self._scores.append(scores.detach().float().cpu().numpy())
         self._targets.append(targets.detach().cpu().numpy())
-        if loss is not None:
-            self.loss_sum += float(loss) * len(targets)
+        self.losses.add(loss_sums, loss_units)
         self.count += len(targets)
 
     @property
@@ -42,7 +44,7 @@ class ScoreAccumulator:
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.count, 1)
+        return self.losses.mean
 
 
 def _clean(value: float) -> float | None:

@@ -24,7 +24,7 @@ from tunesmith.tasks.classification.metrics import (
     single_label_metrics,
     tune_threshold,
 )
-from tunesmith.tasks.base import Task
+from tunesmith.tasks.base import Losses, Task
 
 IMBALANCE_RATIO = 10.0
 
@@ -306,14 +306,25 @@ class ClassificationTask(Task):
         """`train` is None for evaluation-only use: the plain, unweighted loss."""
         problem = state["problem_type"]
         if problem == "regression":
-            return lambda logits, labels: F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            return lambda logits, labels: Losses.per_example(F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none"))
         weights = _class_weights(cfg, state, train) if train is not None else None
         if problem == "multi_label":
             pos_weight = weights
-            return lambda logits, labels: F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight)
-        return lambda logits, labels: F.cross_entropy(logits.float(), labels, weight=weights)
 
-    def new_accumulator(self, state: dict) -> ScoreAccumulator:
+            def multi_label(logits: torch.Tensor, labels: torch.Tensor) -> Losses:
+                losses = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight, reduction="none")
+                return Losses.per_example(losses.mean(-1))  # each example weighs the same, whatever its labels
+
+            return multi_label
+
+        def single_label(logits: torch.Tensor, labels: torch.Tensor) -> Losses:
+            losses = F.cross_entropy(logits.float(), labels, weight=weights, reduction="none")
+            # With class weights an example counts as its class's weight (torch's weighted mean divides by them too).
+            return Losses(losses, weights[labels]) if weights is not None else Losses.per_example(losses)
+
+        return single_label
+
+    def new_accumulator(self, state: dict, references=None) -> ScoreAccumulator:
         return ScoreAccumulator()
 
     def scores(self, logits: torch.Tensor, state: dict) -> torch.Tensor:

@@ -126,7 +126,7 @@ class WindowCollator:
     padding; `offsets` are padded with -1; `labels` are (start, end, first real position, end of the real
     positions), so the loss can leave padding out, which keeps losses equal with or without padding."""
 
-    extra_columns = ("start_positions", "end_positions", "cls_index", "example_index", "offsets", "example_set")
+    extra_columns = ("start_positions", "end_positions", "cls_index", "example_index", "offsets")
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -143,8 +143,6 @@ class WindowCollator:
         batch["offsets"] = offsets
         batch["cls_index"] = torch.tensor([f["cls_index"] + s for f, s in zip(features, shifts)])
         batch["example_index"] = torch.tensor([f["example_index"] for f in features])
-        if "example_set" in features[0]:
-            batch["example_set"] = torch.tensor([f["example_set"] for f in features])
         if "start_positions" in features[0]:
             batch["labels"] = torch.tensor([
                 [f["start_positions"] + s, f["end_positions"] + s, s, s + len(f["input_ids"])] for f, s in zip(features, shifts)
@@ -155,7 +153,7 @@ class WindowCollator:
 def split_batch(batch: dict) -> tuple[dict, torch.Tensor | None, dict]:
     """(model inputs, labels, window metadata) of a `WindowCollator` batch."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    extras = {k: batch[k] for k in ("offsets", "cls_index", "example_index", "example_set") if k in batch}
+    extras = {k: batch[k] for k in ("offsets", "cls_index", "example_index") if k in batch}
     return inputs, batch.get("labels"), extras
 
 
@@ -165,12 +163,12 @@ def stacked_logits(outputs) -> torch.Tensor:
 
 
 def span_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean of the start and end cross-entropies over the real (unpadded) positions of each window."""
+    """Per window: the mean of its start and end cross-entropies over its real (unpadded) positions."""
     positions = torch.arange(logits.shape[1], device=logits.device)
     real = (positions >= labels[:, 2:3]) & (positions < labels[:, 3:4])
     masked = logits.float().masked_fill(~real.unsqueeze(-1), torch.finfo(torch.float32).min)
-    start = torch.nn.functional.cross_entropy(masked[..., 0], labels[:, 0])
-    end = torch.nn.functional.cross_entropy(masked[..., 1], labels[:, 1])
+    start = torch.nn.functional.cross_entropy(masked[..., 0], labels[:, 0], reduction="none")
+    end = torch.nn.functional.cross_entropy(masked[..., 1], labels[:, 1], reduction="none")
     return (start + end) / 2
 
 
@@ -268,6 +266,33 @@ def reduce_batch(
     for row in range(values.shape[0]):
         candidates, null_logit, null_score = window_spans(values[row], offsets[row], cls[row], n_best, max_answer_length)
         spans.add(first_question + questions[row], candidates, null_logit, null_score)
+
+
+def window_candidates(logits: torch.Tensor, extras: dict, n_best: int, max_answer_length: int, keep: int) -> dict[str, torch.Tensor]:
+    """A batch of windows reduced to what `BestSpans` keeps of each (its `keep` best spans and its no-answer
+    logit and probability), as tensors with one row per window: gathered across processes in place of the
+    per-token logits and offsets. `spans`: (windows, keep, 4) rows of (logit, start, end, score), -inf logits
+    where a window has fewer."""
+    values = logits.detach().float().cpu().numpy()
+    offsets = extras["offsets"].cpu().numpy()
+    cls = extras["cls_index"].tolist()
+    spans = torch.full((values.shape[0], keep, 4), float("-inf"), dtype=torch.float64)
+    null = torch.zeros((values.shape[0], 2), dtype=torch.float64)
+    for row in range(values.shape[0]):
+        candidates, null_logit, null_score = window_spans(values[row], offsets[row], cls[row], n_best, max_answer_length)
+        for i, span in enumerate(candidates[:keep]):
+            spans[row, i] = torch.tensor([span.logit, span.start, span.end, span.score], dtype=torch.float64)
+        null[row] = torch.tensor([null_logit, null_score], dtype=torch.float64)
+    device = logits.device
+    return {"spans": spans.to(device), "null": null.to(device), "example_index": extras["example_index"]}
+
+
+def fold_candidates(spans: BestSpans, reduced: dict[str, torch.Tensor]) -> None:
+    """The inverse of `window_candidates`: fold each window's spans into `spans`."""
+    rows, nulls = reduced["spans"].cpu().tolist(), reduced["null"].cpu().tolist()
+    for question, window, (null_logit, null_score) in zip(reduced["example_index"].tolist(), rows, nulls):
+        found = [Span(logit, int(start), int(end), score) for logit, start, end, score in window if logit != float("-inf")]
+        spans.add(question, found, null_logit, null_score)
 
 
 # --------------------------------------------------------------------------- the public API

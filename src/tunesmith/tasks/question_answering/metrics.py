@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tunesmith.tasks.question_answering.inference import BestSpans, trimmed
+from tunesmith.tasks.base import LossTotal
+from tunesmith.tasks.question_answering.inference import BestSpans, fold_candidates, trimmed
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _SPACELESS = (
@@ -143,24 +144,24 @@ class SpanAccumulator:
     """One evaluation pass: each question's best span and no-answer score (from `qa.BestSpans`, fed
     batch by batch), the gold answers of the table being evaluated, and the loss over windows."""
 
-    def __init__(self) -> None:
+    # What BestSpans(1) reads of a window's candidates (it keeps 4 per window for its 1 best over windows).
+    spans_per_window = 4
+
+    def __init__(self, gold) -> None:
         self.spans = BestSpans(1)
-        self.gold = None  # tasks.question_answering.Gold, bound by the first batch
-        self.loss_sum = 0.0
+        self.gold = gold  # tasks.question_answering.task.Gold of the table evaluated
+        self.losses = LossTotal()
         self.windows = 0
 
-    def bind(self, gold) -> None:
-        if self.gold is None:
-            self.gold = gold
-
-    def add_loss(self, loss, windows: int) -> None:
-        if loss is not None:
-            self.loss_sum += float(loss) * windows
-        self.windows += windows
+    def add(self, reduced: dict) -> None:
+        """One gathered batch of `inference.window_candidates`, with its per-window losses."""
+        fold_candidates(self.spans, reduced)
+        self.losses.add(reduced.get("loss_sums"), reduced.get("loss_units"))
+        self.windows += len(reduced["example_index"])
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.windows, 1)
+        return self.losses.mean
 
     def predictions(self, null_threshold: float | None) -> list[str]:
         """Each question's answer text; with a threshold (v2), empty where the no-answer score wins."""

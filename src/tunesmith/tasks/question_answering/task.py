@@ -21,7 +21,6 @@ Prediction is `qa.answer`, the same code any QA model can use.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ from tunesmith.tasks.question_answering.squad import read_questions
 from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import DataError, summarise
 from tunesmith.tasks.question_answering.metrics import SpanAccumulator, best_null_threshold, score, squad_metrics
-from tunesmith.tasks.base import Task
+from tunesmith.tasks.base import Losses, Task
 
 ANSWERS_SHAPE = '{"text": ["<answer>"], "answer_start": [<character offset>]}'
 log = logging.getLogger(__name__)
@@ -297,15 +296,10 @@ class QuestionAnsweringTask(Task):
     auto_model_class = "AutoModelForQuestionAnswering"
     peft_task_type = "QUESTION_ANS"
 
-    def __init__(self) -> None:
-        # Gold answers of each encoded table, by a key every window of the table carries (`example_set`):
-        # evaluation batches hold only windows; the metrics need the questions' contexts and answers.
-        self._gold: dict[int, Gold] = {}
-
     def reader(self, cfg: QuestionAnsweringTaskConfig):
         return read_questions
 
-    def collator(self, tokenizer):
+    def collator(self, tokenizer, model=None):
         return qa.WindowCollator(tokenizer)
 
     def split_batch(self, batch: dict):
@@ -378,17 +372,13 @@ class QuestionAnsweringTask(Task):
             raise DataError(summarise([
                 qa.too_long_message(examples[i].where, n, tokenizer, cfg.max_length, cfg.doc_stride) for i, n in too_long
             ]))
-        gold = Gold([e.context for e in examples], [[text for text, _ in e.answers] for e in examples])
-        key = _gold_key(examples)
-        self._gold[key] = gold
         first = [e.answers[0] if e.answers else ("", -1) for e in examples]
         raw = datasets.Dataset.from_dict({
             "question": [e.question for e in examples],
-            "context": gold.contexts,
+            "context": [e.context for e in examples],
             "answer_start": [start for _, start in first],
             "answer_end": [start + len(text) if start >= 0 else -1 for text, start in first],
             "example_index": list(range(len(examples))),
-            "example_set": [key] * len(examples),
         })
 
         def tokenize(batch: dict) -> dict:
@@ -398,7 +388,7 @@ class QuestionAnsweringTask(Task):
                 f["start_positions"], f["end_positions"] = qa.answer_tokens(
                     f["offsets"], batch["answer_start"][local], batch["answer_end"][local], f["cls_index"]
                 )
-                f["example_index"], f["example_set"] = batch["example_index"][local], batch["example_set"][local]
+                f["example_index"] = batch["example_index"][local]
                 f["length"] = len(f["input_ids"])
             return {name: [f[name] for f in features] for name in (features[0] if features else {})}
 
@@ -411,21 +401,28 @@ class QuestionAnsweringTask(Task):
         return {"num_labels": 2}  # start and end logits, whatever head the checkpoint had
 
     def loss_fn(self, cfg, state: dict, train) -> Callable:
-        return qa.span_loss
+        return lambda logits, labels: Losses.per_example(qa.span_loss(logits, labels))
 
-    def new_accumulator(self, state: dict) -> SpanAccumulator:
-        return SpanAccumulator()
+    def references(self, cfg: QuestionAnsweringTaskConfig, table: Table, state: dict) -> Gold:
+        """Each question's context and gold answers: evaluation batches hold windows, the metrics score questions."""
+        examples = read_examples(cfg, table, offsets=False)[0]
+        return Gold([e.context for e in examples], [[text for text, _ in e.answers] for e in examples])
+
+    def new_accumulator(self, state: dict, references: Gold | None = None) -> SpanAccumulator:
+        return SpanAccumulator(references or Gold([], []))
 
     def scores(self, logits: torch.Tensor, state: dict) -> torch.Tensor:
         return logits.float()
 
-    def update(self, accumulator: SpanAccumulator, logits, labels, loss, extras: dict, state: dict) -> None:
-        key = int(extras["example_set"][0])
-        if key not in self._gold:
-            raise RuntimeError("question answering: evaluation batches from a table this task did not encode")
-        accumulator.bind(self._gold[key])
-        qa.reduce_batch(accumulator.spans, logits, extras, state["n_best_size"], state["max_answer_length"])
-        accumulator.add_loss(loss, len(logits))
+    def evaluation_batch(self, model, inputs: dict, labels, extras: dict, loss_fn, state: dict) -> dict:
+        logits = self.logits(model(**inputs))
+        losses = loss_fn(logits, labels)
+        reduced = qa.window_candidates(logits, extras, state["n_best_size"], state["max_answer_length"],
+                                       SpanAccumulator.spans_per_window)
+        return {**reduced, "loss_sums": losses.sums, "loss_units": losses.units}
+
+    def update(self, accumulator: SpanAccumulator, reduced: dict, state: dict) -> None:
+        accumulator.add(reduced)
 
     def compute_metrics(self, accumulator: SpanAccumulator, state: dict) -> dict:
         gold = accumulator.gold or Gold([], [])
@@ -461,11 +458,3 @@ class QuestionAnsweringTask(Task):
             doc_stride=state["doc_stride"], max_answer_length=state["max_answer_length"], n_best_size=state["n_best_size"],
             handle_impossible_answer=state["version_2"], null_threshold=state["null_score_threshold"], batch_size=batch_size,
         )
-
-
-def _gold_key(examples: list[Example]) -> int:
-    """A key (fits int64) identifying a table's questions, contexts and answers by content."""
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(json.dumps([e.question, e.context, e.answers], ensure_ascii=False).encode())
-    return int(digest.hexdigest()[:15], 16)

@@ -12,6 +12,8 @@ import warnings
 import numpy as np
 import torch
 
+from tunesmith.tasks.base import LossTotal
+
 
 class TagAccumulator:
     """Gold and predicted tag sequences (one per window), token accuracy counts and the loss."""
@@ -22,10 +24,11 @@ class TagAccumulator:
         self.pred: list[list[str]] = []
         self.correct = 0
         self.tokens = 0
-        self.loss_sum = 0.0
+        self.losses = LossTotal()
         self.count = 0
 
-    def update(self, predictions: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor | None = None) -> None:
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor, loss_sums: torch.Tensor | None = None,
+               loss_units: torch.Tensor | None = None) -> None:
         """`predictions`: tag ids (batch x positions); `targets`: gold ids, -100 (or >= number of tags,
         for the later sub-tokens of a word) where no word starts."""
         predicted, gold = predictions.detach().cpu().numpy(), targets.detach().cpu().numpy()
@@ -37,13 +40,13 @@ class TagAccumulator:
             self.pred.append(names[p].tolist())
             self.correct += int((g == p).sum())
             self.tokens += len(g)
-        if loss is not None:
-            self.loss_sum += float(loss) * len(gold)
+        self.losses.add(loss_sums, loss_units)
         self.count += len(gold)
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.count, 1)
+        """Per labelled token (each word's first sub-token, or every sub-token with `label_all_subtokens`)."""
+        return self.losses.mean
 
     @property
     def accuracy(self) -> float:

@@ -30,7 +30,7 @@ from tunesmith.data.loaders import CONLL_SUFFIXES, Table, read_conll, read_file
 from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import ConfigError, DataError, shown, summarise as _summarise
 from tunesmith.tasks.token_classification.metrics import TagAccumulator, entity_metrics
-from tunesmith.tasks.base import Task
+from tunesmith.tasks.base import Losses, Task
 
 IGNORE = -100
 TAG = re.compile(r"^([BIES])-(.+)$")
@@ -259,7 +259,7 @@ class TokenClassificationTask(Task):
     def tokenizer_kwargs(self, cfg) -> dict:
         return {"add_prefix_space": True}
 
-    def collator(self, tokenizer):
+    def collator(self, tokenizer, model=None):
         return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE)
 
     def stratify_key(self, cfg):
@@ -430,15 +430,15 @@ class TokenClassificationTask(Task):
     def loss_fn(self, cfg, state: dict, train) -> Callable:
         k = len(state["labels"])
 
-        def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        def loss(logits: torch.Tensor, labels: torch.Tensor) -> Losses:
+            """Per window: the cross-entropy summed over its labelled tokens, and how many there are."""
             labels = torch.where(labels >= k, labels - k, labels)  # later sub-tokens (label_all_subtokens)
-            if not (labels != IGNORE).any():
-                return logits.sum() * 0.0
-            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+            tokens = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+            return Losses(tokens.sum(-1), (labels != IGNORE).sum(-1).to(tokens.dtype))
 
         return loss
 
-    def new_accumulator(self, state: dict) -> TagAccumulator:
+    def new_accumulator(self, state: dict, references=None) -> TagAccumulator:
         return TagAccumulator(state["labels"])
 
     def scores(self, logits: torch.Tensor, state: dict) -> torch.Tensor:
