@@ -306,7 +306,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
 
     transformers.set_seed(cfg.train.seed)
     model = load_model(cfg.model, task, state, tokenizer)
-    model = apply_method(model, cfg.method, task.peft_task_type)
+    model = apply_method(model, cfg.method, task.peft_task_type, task.head_modules(model))
     # Counted before the speed options: skipping unseen embedding rows hides most of the embedding from
     # `parameters()`, which would report the model as half its size.
     params = str(count_parameters(model))

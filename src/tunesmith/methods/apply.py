@@ -69,16 +69,27 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def head_module_names(model: nn.Module) -> list[str]:
-    """Top-level children that belong to the task head (have parameters, are not the base model)."""
+    """Top-level children that belong to the task head: they have parameters, are not the base model, and are
+    not an output embedding tied to the input embedding (a causal LM's `lm_head` is the vocabulary itself:
+    frozen must not train it, and LoRA must not save a full copy of it). Empty for a model with no head."""
     prefix = getattr(model, "base_model_prefix", "")
-    names = [
+    tied = tied_output_names(model)
+    return [
         name
         for name, child in model.named_children()
-        if name != prefix and any(True for _ in child.parameters())
+        if name != prefix and name not in tied and any(True for _ in child.parameters())
     ]
-    if not names:
-        raise ValueError(f"{type(model).__name__}: could not find a task head next to base model '{prefix}'")
-    return names
+
+
+def tied_output_names(model: nn.Module) -> set[str]:
+    """Top-level children whose parameters are all the input embedding's (tied word embeddings)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        return set()
+    shared = {id(p) for p in embeddings.parameters()}
+    return {name for name, child in model.named_children()
+            if (params := list(child.parameters())) and all(id(p) in shared for p in params)
+            and child is not embeddings and name != getattr(model, "base_model_prefix", "")}
 
 
 def layer_stacks(module: nn.Module) -> list[nn.ModuleList]:
@@ -91,8 +102,11 @@ def layer_stacks(module: nn.Module) -> list[nn.ModuleList]:
     return stacks
 
 
-def _freeze_all_but_head(model: nn.Module) -> None:
-    heads = set(head_module_names(model))
+def _freeze_all_but_head(model: nn.Module, heads: list[str]) -> None:
+    if not heads:
+        raise ValueError(f"method frozen trains only the task head, and {type(model).__name__} has none (its output "
+                         "layer is the tied input embedding); use method lora, last_n or full")
+    heads = set(heads)
     for name, child in model.named_children():
         child.requires_grad_(name in heads)
     # A frozen encoder is a fixed feature extractor: keep it in eval mode (no dropout) even while the
@@ -109,7 +123,7 @@ def _stay_in_eval_mode(module: nn.Module, args: tuple) -> None:
     return None  # a pre-hook's non-None return would replace the forward's arguments
 
 
-def _apply_last_n(model: nn.Module, n: int) -> None:
+def _apply_last_n(model: nn.Module, n: int, heads: list[str]) -> None:
     body = base_model(model)
     stacks = layer_stacks(body)
     if not stacks:
@@ -128,18 +142,17 @@ def _apply_last_n(model: nn.Module, n: int) -> None:
     for name, p in body.named_parameters():
         if id(p) not in in_stacks and id(p) not in embeddings and "embed" not in name and "emb" not in name.split(".")[-1]:
             p.requires_grad_(True)
-    for name in head_module_names(model):
+    for name in heads:
         getattr(model, name).requires_grad_(True)
 
 
-def _peft_config(cfg: MethodConfig, model: nn.Module, task_type: str):
+def _peft_config(cfg: MethodConfig, model: nn.Module, task_type: str, heads: list[str]):
     import peft
 
-    heads = head_module_names(model)
     target = cfg.target_modules
     if target == "auto":
         target = _auto_target_modules(model, cfg.name)
-    common = {"task_type": task_type, "modules_to_save": heads}
+    common = {"task_type": task_type, "modules_to_save": heads or None}
     if cfg.name == "ia3":
         feedforward = _ia3_feedforward(model, target)
         return peft.IA3Config(target_modules=target, feedforward_modules=feedforward, **common)
@@ -155,7 +168,7 @@ def _peft_config(cfg: MethodConfig, model: nn.Module, task_type: str):
 
 def _linear_names(model: nn.Module) -> list[str]:
     """Full names of the body's linear layers (GPT-2's Conv1D counts as linear)."""
-    heads = tuple(head_module_names(model))
+    heads = tuple(head_module_names(model)) + tuple(tied_output_names(model))  # as peft's all-linear: never the output layer
     return [
         name
         for name, module in model.named_modules()
@@ -197,18 +210,20 @@ def _ia3_feedforward(model: nn.Module, target: list[str] | str) -> list[str]:
     return [t for t in targets if t in FEEDFORWARD_WORDS]
 
 
-def apply_method(model: nn.Module, cfg: MethodConfig, task_type: str) -> nn.Module:
-    """Freeze or wrap `model` for the configured strategy; logs trainable vs total parameters."""
+def apply_method(model: nn.Module, cfg: MethodConfig, task_type: str, heads: list[str] | None = None) -> nn.Module:
+    """Freeze or wrap `model` for the configured strategy; logs trainable vs total parameters. `heads`: the
+    top-level modules the task trains as its head (`Task.head_modules`; default: found structurally)."""
+    heads = head_module_names(model) if heads is None else heads
     if cfg.name == "full":
         model.requires_grad_(True)
     elif cfg.name == "frozen":
-        _freeze_all_but_head(model)
+        _freeze_all_but_head(model, heads)
     elif cfg.name == "last_n":
-        _apply_last_n(model, cfg.last_n_layers)
+        _apply_last_n(model, cfg.last_n_layers, heads)
     elif cfg.name in PEFT_METHODS:
         import peft
 
-        model = peft.get_peft_model(model, _peft_config(cfg, model, task_type))
+        model = peft.get_peft_model(model, _peft_config(cfg, model, task_type, heads))
     counts = count_parameters(model)
     log.info("method %s: %s", cfg.name, counts)
     if counts.trainable == 0:

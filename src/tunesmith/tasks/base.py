@@ -17,6 +17,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from tunesmith.data.loaders import Table, read_file
+from tunesmith.methods.apply import head_module_names
 
 
 class Losses(NamedTuple):
@@ -71,6 +72,12 @@ class Task(ABC):
         """Pads a list of encoded examples into a batch. `model` is the model being trained (seq2seq
         collators build decoder inputs with it); None where only inference runs."""
         return DataCollatorWithPadding(tokenizer)
+
+    def head_modules(self, model) -> list[str]:
+        """The model's top-level modules this task trains as its head (what `frozen` trains, what LoRA saves
+        whole). Default: the children next to the base model, leaving out an output layer tied to the input
+        embedding (a language model's vocabulary projection is not a head)."""
+        return head_module_names(model)
 
     def split_batch(self, batch: dict) -> tuple[dict, torch.Tensor, dict]:
         """(model inputs, labels, extras): extras are per-example fields the metrics need that the model

@@ -1,0 +1,52 @@
+"""Task contract v2 pieces that every family relies on: heads, per-unit losses, references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2LMHeadModel
+
+from tunesmith.config.schema import MethodConfig
+from tunesmith.methods.apply import apply_method, head_module_names
+from tunesmith.tasks.base import Losses, LossTotal
+
+
+def _gpt2_lm() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+
+
+def _bert_classifier():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def test_a_tied_output_embedding_is_not_a_head():
+    lm = _gpt2_lm()
+    assert lm.lm_head.weight is lm.transformer.wte.weight  # tied, as hub causal LMs ship
+    assert head_module_names(lm) == []
+    assert head_module_names(_bert_classifier()) == ["classifier"]
+
+
+def test_frozen_needs_a_head_and_lora_does_not_save_the_vocabulary():
+    with pytest.raises(ValueError, match="frozen trains only the task head"):
+        apply_method(_gpt2_lm(), MethodConfig(name="frozen"), "CAUSAL_LM")
+    lora = apply_method(_gpt2_lm(), MethodConfig(name="lora", target_modules="all-linear"), "CAUSAL_LM")
+    trainable = [name for name, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable), trainable  # no copy of lm_head / wte
+    frozen = apply_method(_bert_classifier(), MethodConfig(name="frozen"), "SEQ_CLS")
+    assert {name.split(".")[0] for name, p in frozen.named_parameters() if p.requires_grad} == {"classifier"}
+
+
+def test_a_task_may_declare_its_head():
+    model = apply_method(_bert_classifier(), MethodConfig(name="frozen"), "SEQ_CLS", heads=["bert"])
+    assert all(p.requires_grad for p in model.bert.parameters()) and not model.classifier.weight.requires_grad
+
+
+def test_loss_total_weighs_every_unit_alike():
+    total = LossTotal()
+    total.add(torch.tensor([6.0]), torch.tensor([3.0]))  # one example of 3 tokens, loss 2 each
+    total.add(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))  # two of 1 token, loss 1 each
+    assert total.mean == pytest.approx(8 / 5)  # not the mean of the batch means (1.5)
+    assert Losses.per_example(torch.tensor([1.0, 3.0])).units.tolist() == [1.0, 1.0]
