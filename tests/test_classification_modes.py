@@ -112,11 +112,11 @@ def test_sentence_pairs(pretrained_tiny_bert, tmp_path):
 
 def test_class_weights_balanced_changes_loss(pretrained_tiny_bert, tmp_path):
     from tunesmith.config.schema import ClassificationTaskConfig
-    from tunesmith.tasks.classification.task import ClassificationTask
+    from tunesmith.tasks.classification.task import ClassificationState, ClassificationTask
     import datasets
 
     task = ClassificationTask()
-    state = {"problem_type": "single_label", "labels": ["neg", "pos"]}
+    state = ClassificationState("single_label", ["neg", "pos"])
     train = datasets.Dataset.from_dict({"labels": [0] * 9 + [1]})
     weighted = task.loss_fn(ClassificationTaskConfig(class_weights="balanced"), state, train)
     plain = task.loss_fn(ClassificationTaskConfig(), state, train)

@@ -294,8 +294,8 @@ def test_sample_data_passes_preflight(name, problem, labels):
     task = get_task(cfg.task.name)
     tables, _ = make_splits(cfg.data, cfg.train.seed, task.stratify_key(cfg.task))
     state, warnings = task.preflight(cfg.task, tables)
-    assert state["problem_type"] == problem
-    assert state["labels"] == labels
+    assert state.problem_type == problem
+    assert state.labels == labels
     assert warnings == []
 
 

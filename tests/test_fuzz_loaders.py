@@ -421,7 +421,7 @@ def test_classification_preflight_on_mixed_types(rows, suffix):
         if isinstance(state, dict):
             for value in table.frame["text"]:
                 assert isinstance(value, (str, int, float)) and not _missing(value) and str(value).strip()
-            if state["problem_type"] != "multi_label":
+            if state.problem_type != "multi_label":
                 assert all(not isinstance(v, dict) for v in table.frame["label"])
 
 

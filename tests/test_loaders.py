@@ -123,7 +123,7 @@ def test_format_loads_train_and_validation(fmt, tmp_path):
     # And preflight accepts what was loaded.
     task = get_task("classification")
     state, _ = task.preflight(ClassificationTaskConfig(), tables)
-    assert state["labels"] == ["neg", "pos"]
+    assert state.labels == ["neg", "pos"]
 
 
 def test_save_to_disk_dataset_dict(tmp_path):
@@ -242,7 +242,7 @@ def _labels_of(rows: list[dict], tmp_path: Path, name: str) -> list[str]:
     task = get_task("classification")
     table = read_file(_csv(tmp_path / name, rows))
     state, _ = task.preflight(ClassificationTaskConfig(), {"train": table})
-    return state["labels"]
+    return state.labels
 
 
 def test_label_map_is_sorted_and_independent_of_row_order(tmp_path):

@@ -447,7 +447,7 @@ def test_preflight_warnings(tmp_path, tiny_bert):
     tables, notes = make_splits(run.data, 0, task.stratify_key(run.task))
     assert notes == []  # a validation file is given: nothing carved
     state, warnings = task.preflight(run.task, tables)
-    assert state["labels"] == ["neg", "pos"]
+    assert state.labels == ["neg", "pos"]
     imbalance = [w for w in warnings if w.startswith("class imbalance")]
     assert imbalance == [
         "class imbalance: 'neg' has 2 train examples vs 22 for the largest class (11:1); consider task.class_weights=balanced"

@@ -142,7 +142,7 @@ def test_squad_json_and_flat_rows_read_alike(tmp_path):
     for name in ("train.json", "train.jsonl", "train.csv"):
         t, cfg, tables = tables_of({"train": tmp_path / name, "validation": tmp_path / name}, **names)
         state, warnings = t.preflight(cfg.task, tables)
-        assert state["version_2"] is True and warnings == []  # auto: an unanswerable question makes it v2
+        assert state.version_2 is True and warnings == []  # auto: an unanswerable question makes it v2
         examples, problems, mismatches, _ = read_examples(cfg.task, tables["train"])
         assert problems == mismatches == []
         found[name] = [(e.question, e.context, e.answers) for e in examples]
@@ -641,7 +641,7 @@ def test_example_config_and_reference():
     t = get_task(cfg.task.name)
     tables, _ = make_splits(cfg.data, cfg.train.seed, t.stratify_key(cfg.task), t.reader(cfg.task))
     state, warnings = t.preflight(cfg.task, tables)
-    assert state["version_2"] is True and warnings == []
+    assert state.version_2 is True and warnings == []
     assert sum(len(table.frame) for table in tables.values()) >= 12
     reference = config_reference()
     assert "## `task (name: question_answering)`" in reference

@@ -74,11 +74,11 @@ def test_conll_tab_and_space_docstart_and_tag_column(tmp_path):
     valid, _ = t.sentences(cfg.task, tables["validation"])
     assert [s.tags for s in valid] == [["B-PER", "O"], ["B-LOC"]]
     state, _ = t.preflight(cfg.task, tables)
-    assert state["labels"] == ["O", "B-LOC", "I-LOC", "B-PER"] and state["scheme"] == "BIO"
+    assert state.labels == ["O", "B-LOC", "I-LOC", "B-PER"] and state.scheme == "BIO"
     # The POS column as the tag: no prefixes, scheme none (token accuracy only).
     _, cfg, tables = tables_of(tmp_path, {"train": "b.txt", "validation": "b.txt"}, conll_tag_column=1)
     state, _ = t.preflight(cfg.task, tables)
-    assert state["scheme"] == "none" and state["labels"] == ["NNP", "VBZ"]
+    assert state.scheme == "none" and state.labels == ["NNP", "VBZ"]
 
 
 def test_tokens_and_spans_jsonl(tmp_path):
@@ -115,8 +115,8 @@ def test_convert_scheme_option(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", ner_rows(10))
     t, cfg, tables = tables_of(tmp_path, {"train": "t.jsonl", "validation": "t.jsonl"}, convert_scheme="BIOES")
     state, _ = t.preflight(cfg.task, tables)
-    assert state["source_scheme"] == "BIO" and state["scheme"] == "BIOES"
-    assert {"S-PER", "B-LOC", "E-LOC"} <= set(state["labels"])
+    assert state.source_scheme == "BIO" and state.scheme == "BIOES"
+    assert {"S-PER", "B-LOC", "E-LOC"} <= set(state.labels)
 
 
 # --------------------------------------------------------------------------- preflight errors
@@ -145,9 +145,9 @@ def test_orphan_inside_tag_is_reported_or_repaired(tmp_path):
     assert "set task.repair=true" in problem
     t, cfg, tables = tables_of(tmp_path, {"train": "t.conll", "validation": "t.conll"}, repair=True)
     state, _ = t.preflight(cfg.task, tables)
-    assert state["labels"] == ["O", "B-LOC", "I-LOC", "B-PER"]
+    assert state.labels == ["O", "B-LOC", "I-LOC", "B-PER"]
     sentences, _ = t.sentences(cfg.task, tables["train"])
-    assert t._prepare(cfg.task, sentences, state["source_scheme"])[0].tags == ["B-PER", "O", "O", "B-LOC", "I-LOC"]
+    assert t._prepare(cfg.task, sentences, state.source_scheme)[0].tags == ["B-PER", "O", "O", "B-LOC", "I-LOC"]
 
 
 def test_entity_offsets_outside_the_text_and_overlapping(tmp_path):
@@ -191,7 +191,7 @@ def test_first_subtoken_labels_and_windows(tiny_bert, tmp_path):
         t, cfg, tables = tables_of(tmp_path, {"train": "t.jsonl", "validation": "t.jsonl"}, max_length=12, label_all_subtokens=label_all)
         state, _ = t.preflight(cfg.task, tables)
         dataset = t.encode(cfg.task, tables["train"], tokenizer, state)
-        k = len(state["labels"])
+        k = len(state.labels)
         assert max(dataset["length"]) <= 12 and len(dataset) > 5
         labels = [label for row in dataset["labels"] for label in row]
         words = sum(len(r["tokens"]) for r in [long_row, *ner_rows(4)])
@@ -406,7 +406,7 @@ def test_example_config_and_reference():
     t = get_task(cfg.task.name)
     tables, _ = make_splits(cfg.data, cfg.train.seed, t.stratify_key(cfg.task), t.reader(cfg.task))
     state, warnings = t.preflight(cfg.task, tables)
-    assert state["labels"] == ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"] and warnings == []
+    assert state.labels == ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"] and warnings == []
     reference = config_reference()
     assert "## `task (name: token_classification)`" in reference
     assert all(f"| `{name}` |" in reference for name in TokenClassificationTaskConfig.model_fields)

@@ -489,14 +489,14 @@ def _maybe_shard(model, cfg: RunConfig, accelerator, launcher_fsdp: bool, reshar
 def _write_run(run_dir: Path, model, tokenizer, cfg: RunConfig, task: Task, state: dict, metrics: dict,
                precision: dict, warnings: list[str], notes: list[str], params: str, speed: dict | None = None) -> None:
     _save_model(model, tokenizer, run_dir, cfg, state, task)
-    write_json(run_dir / "task.json", {"task": task.name, **state})
+    write_json(run_dir / "task.json", {"task": task.name, **state.to_json()})
     write_json(run_dir / "metrics.json", metrics)
     write_json(
         run_dir / "provenance.json",
         provenance(cfg, data_file_paths(cfg.data), precision,
                    {"warnings": warnings, "notes": notes, "parameters": params, "speed": speed}),
     )
-    card = model_card(cfg, state, metrics, cfg.model.name_or_path, params)
+    card = model_card(cfg, task.card(state), metrics, cfg.model.name_or_path, params)
     (run_dir / "README.md").write_text(card, encoding="utf-8")
     (run_dir / "model" / "README.md").write_text(card, encoding="utf-8")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -520,8 +520,7 @@ def _save_model(model, tokenizer, run_dir: Path, cfg: RunConfig, state: dict, ta
             tokenizer.save_pretrained(model_dir)  # `load` reads the tokenizer from model/ in every run
             return
         model = model.merge_and_unload()
-    if state.get("threshold") is not None:
-        model.config.multi_label_threshold = state["threshold"]
+    task.before_save(model, state)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
@@ -552,8 +551,9 @@ def load(run_dir: str | os.PathLike) -> LoadedRun:
     """Load a run directory written by `train` (merged model, or base model + adapter)."""
     run_dir = finished_run_dir(Path(run_dir))
     cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), str(run_dir / "config.yaml"))
-    state = json.loads((run_dir / "task.json").read_text(encoding="utf-8"))
-    task = get_task(state.pop("task"))
+    saved = json.loads((run_dir / "task.json").read_text(encoding="utf-8"))
+    task = get_task(saved.pop("task"))
+    state = task.state_type.from_json(saved, str(run_dir / "task.json"))
     auto_class = getattr(transformers, task.auto_model_class)
     model_dir = run_dir / "model"
     try:

@@ -380,45 +380,23 @@ def _metric_rows(metrics: dict) -> str:
     return "\n".join(["| metric | value |", "|---|---|", *rows])
 
 
-PIPELINE_TASKS = {
-    "classification": "text-classification",
-    "token_classification": "token-classification",
-    "question_answering": "question-answering",
-}
-
-# How to use the saved model: a transformers pipeline where transformers 5 still has one; QA has none
-# (removed in transformers 5), so its card shows tunesmith's own QA inference.
-_USAGE = {
-    "question_answering": [
-        "from transformers import AutoModelForQuestionAnswering, AutoTokenizer",
-        "from tunesmith.qa import answer",
-        'model = AutoModelForQuestionAnswering.from_pretrained("PATH/TO/RUN/model")',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/RUN/model")',
-        'answer(model, tokenizer, ["Who wrote it?"], ["It was written by Ada Lovelace."])',
-    ],
-}
-_CLI_EXAMPLE = {"question_answering": "--question 'Who wrote it?' --context 'It was written by Ada Lovelace.'"}
-
-
-def model_card(cfg: RunConfig, task_state: dict, metrics: dict, base_model: str, params: str) -> str:
-    labels = task_state.get("labels") or []
-    pipeline_task = PIPELINE_TASKS.get(cfg.task.name, cfg.task.name)
-    cli_example = _CLI_EXAMPLE.get(cfg.task.name, "--text 'an example sentence'")
+def model_card(cfg: RunConfig, section, metrics: dict, base_model: str, params: str) -> str:
+    """`section`: the task's part (`tasks.base.CardSection`)."""
     test = metrics.get("test") or {}
     valid = metrics.get("validation") or {}
     lines = [
         "---",
         "library_name: transformers",
         f"base_model: {base_model}",
-        f"tags: [tunesmith, {pipeline_task}]",
+        f"tags: [tunesmith, {section.pipeline_tag}]",
         "---",
         "",
         f"# {cfg.task.name} model fine-tuned with tunesmith",
         "",
         f"- Base model: `{base_model}`",
-        f"- Task: {cfg.task.name} ({task_state.get('problem_type') or task_state.get('scheme', '')})",
+        f"- Task: {cfg.task.name}" + (f" ({section.kind})" if section.kind else ""),
         f"- Method: {cfg.method.name} — {params}",
-        *([f"- Labels: {', '.join(labels) if labels else '(regression)'}"] if "labels" in task_state or "problem_type" in task_state else []),
+        *([f"- Labels: {', '.join(section.labels)}"] if section.labels is not None else []),
         f"- Data: {cfg.data.train_file or cfg.data.dataset_name}",
         f"- Epochs: {cfg.train.num_train_epochs}, learning rate {cfg.train.learning_rate}, batch {cfg.train.per_device_train_batch_size}, seed {cfg.train.seed}",
         "",
@@ -433,14 +411,10 @@ def model_card(cfg: RunConfig, task_state: dict, metrics: dict, base_model: str,
         "## Use",
         "",
         "```python",
-        *_USAGE.get(cfg.task.name, [
-            "from transformers import pipeline",
-            f'clf = pipeline("{pipeline_task}", model="PATH/TO/RUN/model")',
-            'clf("an example sentence")',
-        ]),
+        *section.usage,
         "```",
         "",
-        f"Or with tunesmith: `tunesmith predict RUN_DIR {cli_example}`.",
+        f"Or with tunesmith: `tunesmith predict RUN_DIR {section.cli_example}`.",
         "",
         "The resolved config is in `config.yaml`; provenance (package versions, data hashes, CPU) in `provenance.json`.",
         "",

@@ -7,9 +7,10 @@ methods, the training loop, run directories) is shared.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import datasets
 import torch
@@ -18,6 +19,39 @@ from transformers import DataCollatorWithPadding
 
 from tunesmith.data.loaders import Table, read_file
 from tunesmith.methods.apply import head_module_names
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskState:
+    """What a trained run's task knows beyond its config (labels, tag scheme, tuned thresholds): found by
+    `preflight`, tuned by `after_training`, saved as `task.json` and read back by `load`. Each family
+    subclasses it with typed fields; it is immutable (`dataclasses.replace` makes a tuned copy)."""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "task.json"):
+        from tunesmith.errors import ConfigError
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"'{source}': missing {', '.join(missing)} (expected the task state `train` wrote); "
+                              "restore the file from a copy, or train the run again")
+        return cls(**{k: v for k, v in data.items() if k in names})  # keys of other versions are left out
+
+
+@dataclasses.dataclass(frozen=True)
+class CardSection:
+    """The task's part of a run's model card (README.md)."""
+
+    pipeline_tag: str  # the hub's task tag; the transformers pipeline where one exists
+    kind: str = ""  # e.g. the problem type or the tag scheme
+    labels: list[str] | None = None  # None: the task has no label set to list
+    usage: list[str] = dataclasses.field(default_factory=list)  # Python lines using the saved model with plain transformers
+    cli_example: str = "--text 'an example sentence'"  # what follows `tunesmith predict RUN_DIR`
 
 
 class Losses(NamedTuple):
@@ -56,6 +90,8 @@ class Task(ABC):
     name: str
     auto_model_class: str  # name of the transformers Auto class, e.g. AutoModelForSequenceClassification
     peft_task_type: str  # peft TaskType, e.g. SEQ_CLS
+    state_type: ClassVar[type[TaskState]] = TaskState
+    pipeline_tag: ClassVar[str]  # the hub's / transformers pipeline's name of the task, e.g. text-classification
     # The loss reads only the model's sequence-level head (one output per sequence), never per-token outputs.
     sequence_head: bool = False
 
@@ -158,6 +194,18 @@ class Task(ABC):
     def after_training(self, cfg, state: dict, accumulator) -> dict:
         """Calibrate on validation outputs of the best model (e.g. tune a threshold); returns updated state."""
         return state
+
+    def before_save(self, model, state: TaskState) -> None:
+        """Write what plain transformers should know of the state into the model's config before it is saved
+        (e.g. a tuned decision threshold)."""
+
+    def card(self, state: TaskState) -> CardSection:
+        """The task's part of the model card: by default, use through the transformers pipeline of its tag."""
+        return CardSection(self.pipeline_tag, usage=[
+            "from transformers import pipeline",
+            f'model = pipeline("{self.pipeline_tag}", model="PATH/TO/RUN/model")',
+            'model("an example sentence")',
+        ])
 
     @abstractmethod
     def predict(self, model, tokenizer, inputs: list, state: dict, batch_size: int = 64) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -24,7 +25,7 @@ from tunesmith.tasks.classification.metrics import (
     single_label_metrics,
     tune_threshold,
 )
-from tunesmith.tasks.base import Losses, Task
+from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
 
 IMBALANCE_RATIO = 10.0
 
@@ -62,10 +63,19 @@ def _sort_labels(keys: set[str]) -> list[str]:
     return sorted(keys)
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassificationState(TaskState):
+    problem_type: str  # single_label, multi_label or regression
+    labels: list[str]  # in the model's output order; empty for regression
+    threshold: float | None = None  # multi-label decision threshold (tuned on validation)
+
+
 class ClassificationTask(Task):
     name = "classification"
     auto_model_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
+    state_type = ClassificationState
+    pipeline_tag = "text-classification"
     sequence_head = True
 
     # ------------------------------------------------------------------ labels
@@ -166,13 +176,10 @@ class ClassificationTask(Task):
             errors += self._check_table(cfg, table, problem)
         if errors:
             raise DataError(_summarise(errors))
-        state: dict = {"problem_type": problem}
         warnings: list[str] = []
-        if problem == "regression":
-            state["labels"] = []
-        else:
-            state["labels"], label_errors, warnings = self._check_labels(cfg, tables, problem)
-            labels = state["labels"]
+        labels: list[str] = []
+        if problem != "regression":
+            labels, label_errors, warnings = self._check_labels(cfg, tables, problem)
             if isinstance(cfg.class_weights, list) and len(cfg.class_weights) != len(labels) and not label_errors:
                 # Checked here, not only when the loss is built: by then the run directory exists.
                 label_errors.append(
@@ -181,8 +188,7 @@ class ClassificationTask(Task):
                 )
             if label_errors:
                 raise DataError(_summarise(label_errors))
-        if problem == "multi_label":
-            state["threshold"] = cfg.threshold
+        state = ClassificationState(problem, labels, cfg.threshold if problem == "multi_label" else None)
         warnings += _duplicate_warnings(cfg, tables)
         return state, warnings
 
@@ -230,10 +236,10 @@ class ClassificationTask(Task):
 
     def preflight_eval(self, cfg: ClassificationTaskConfig, state: dict, table: Table) -> None:
         """Check a labelled evaluation file against a trained model's labels."""
-        problem = state["problem_type"]
+        problem = state.problem_type
         errors = self._check_table(cfg, table, problem)
         if not errors and problem != "regression":
-            errors = self._unseen_labels(cfg, table, problem, state["labels"])
+            errors = self._unseen_labels(cfg, table, problem, state.labels)
         if errors:
             raise DataError(_summarise(errors))
 
@@ -264,13 +270,13 @@ class ClassificationTask(Task):
     # ------------------------------------------------------------------ encoding
 
     def targets(self, cfg, table: Table, state: dict) -> list:
-        problem = state["problem_type"]
+        problem = state.problem_type
         if problem == "regression":
             return [float(v) for v in pd.to_numeric(table.frame[cfg.label_column])]
-        index = {label: i for i, label in enumerate(state["labels"])}
+        index = {label: i for i, label in enumerate(state.labels)}
         if problem == "multi_label":
             rows = self._row_labels(cfg, table, problem)
-            return [[1.0 if label in set(row) else 0.0 for label in state["labels"]] for row in rows]
+            return [[1.0 if label in set(row) else 0.0 for label in state.labels] for row in rows]
         return [index[_label_key(v)] for v in table.frame[cfg.label_column]]
 
     def encode(self, cfg: ClassificationTaskConfig, table: Table, tokenizer, state: dict) -> datasets.Dataset:
@@ -291,10 +297,10 @@ class ClassificationTask(Task):
     # ------------------------------------------------------------------ model, loss, metrics
 
     def model_kwargs(self, state: dict) -> dict:
-        problem = state["problem_type"]
+        problem = state.problem_type
         if problem == "regression":
             return {"problem_type": "regression", "id2label": {0: "score"}, "label2id": {"score": 0}}
-        labels = state["labels"]
+        labels = state.labels
         # id2label alone sets num_labels; passing both trips a consistency warning in transformers 5.
         return {
             "id2label": dict(enumerate(labels)),
@@ -304,7 +310,7 @@ class ClassificationTask(Task):
 
     def loss_fn(self, cfg: ClassificationTaskConfig, state: dict, train: datasets.Dataset | None) -> Callable:
         """`train` is None for evaluation-only use: the plain, unweighted loss."""
-        problem = state["problem_type"]
+        problem = state.problem_type
         if problem == "regression":
             return lambda logits, labels: Losses.per_example(F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none"))
         weights = _class_weights(cfg, state, train) if train is not None else None
@@ -328,29 +334,37 @@ class ClassificationTask(Task):
         return ScoreAccumulator()
 
     def scores(self, logits: torch.Tensor, state: dict) -> torch.Tensor:
-        problem = state["problem_type"]
+        problem = state.problem_type
         logits = logits.float()
         if problem == "regression":
             return logits.squeeze(-1)
         return torch.sigmoid(logits) if problem == "multi_label" else torch.softmax(logits, -1)
 
     def compute_metrics(self, accumulator: ScoreAccumulator, state: dict) -> dict:
-        problem = state["problem_type"]
+        problem = state.problem_type
         if problem == "regression":
             out = regression_metrics(accumulator.scores, accumulator.targets)
         elif problem == "multi_label":
-            out = multi_label_metrics(accumulator.scores, accumulator.targets, state["labels"], state["threshold"])
+            out = multi_label_metrics(accumulator.scores, accumulator.targets, state.labels, state.threshold)
         else:
-            out = single_label_metrics(accumulator.scores, accumulator.targets, state["labels"])
+            out = single_label_metrics(accumulator.scores, accumulator.targets, state.labels)
         return {"loss": accumulator.loss, "samples": accumulator.count, **out}
 
     def default_metric(self, state: dict) -> tuple[str, bool]:
-        return {"regression": ("mse", False), "multi_label": ("f1_micro", True)}.get(state["problem_type"], ("accuracy", True))
+        return {"regression": ("mse", False), "multi_label": ("f1_micro", True)}.get(state.problem_type, ("accuracy", True))
 
     def after_training(self, cfg: ClassificationTaskConfig, state: dict, accumulator: ScoreAccumulator) -> dict:
-        if state["problem_type"] == "multi_label" and cfg.tune_threshold and accumulator.count:
-            return {**state, "threshold": tune_threshold(accumulator.scores, accumulator.targets)}
+        if state.problem_type == "multi_label" and cfg.tune_threshold and accumulator.count:
+            return dataclasses.replace(state, threshold=tune_threshold(accumulator.scores, accumulator.targets))
         return state
+
+    def before_save(self, model, state: ClassificationState) -> None:
+        if state.threshold is not None:
+            model.config.multi_label_threshold = state.threshold  # plain transformers users read it there
+
+    def card(self, state: ClassificationState) -> CardSection:
+        section = super().card(state)
+        return dataclasses.replace(section, kind=state.problem_type, labels=state.labels or ["(regression)"])
 
     # ------------------------------------------------------------------ prediction
 
@@ -380,18 +394,18 @@ class ClassificationTask(Task):
         return results  # type: ignore[return-value]
 
     def _format(self, scores: torch.Tensor, state: dict) -> dict:
-        problem = state["problem_type"]
+        problem = state.problem_type
         if problem == "regression":
             return {"value": float(scores)}
-        named = {label: float(s) for label, s in zip(state["labels"], scores.tolist())}
+        named = {label: float(s) for label, s in zip(state.labels, scores.tolist())}
         if problem == "multi_label":
-            return {"labels": [k for k, v in named.items() if v >= state["threshold"]], "scores": named}
+            return {"labels": [k for k, v in named.items() if v >= state.threshold], "scores": named}
         best = max(named, key=named.get)
         return {"label": best, "score": named[best], "scores": named}
 
 
 def _class_weights(cfg: ClassificationTaskConfig, state: dict, train: datasets.Dataset) -> torch.Tensor | None:
-    labels = state["labels"]
+    labels = state.labels
     if cfg.class_weights == "none":
         return None
     if isinstance(cfg.class_weights, list):
@@ -402,7 +416,7 @@ def _class_weights(cfg: ClassificationTaskConfig, state: dict, train: datasets.D
             )
         return torch.tensor(cfg.class_weights, dtype=torch.float32)
     targets = np.asarray(train["labels"])
-    if state["problem_type"] == "multi_label":
+    if state.problem_type == "multi_label":
         positives = targets.sum(0).clip(min=1)
         return torch.tensor((len(targets) - positives) / positives, dtype=torch.float32)
     counts = np.bincount(targets, minlength=len(labels)).clip(min=1)

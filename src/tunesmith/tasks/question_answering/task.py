@@ -21,6 +21,7 @@ Prediction is `qa.answer`, the same code any QA model can use.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -39,7 +40,7 @@ from tunesmith.tasks.question_answering.squad import read_questions
 from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import DataError, summarise
 from tunesmith.tasks.question_answering.metrics import SpanAccumulator, best_null_threshold, score, squad_metrics
-from tunesmith.tasks.base import Losses, Task
+from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
 
 ANSWERS_SHAPE = '{"text": ["<answer>"], "answer_start": [<character offset>]}'
 log = logging.getLogger(__name__)
@@ -291,10 +292,21 @@ def _offset_notes(examples: list[Example]) -> list[str]:
 # --------------------------------------------------------------------------- the task
 
 
+@dataclass(frozen=True)
+class QuestionAnsweringState(TaskState):
+    version_2: bool  # questions may have no answer (SQuAD v2)
+    null_score_threshold: float  # no-answer logit margin over the best span above which the answer is empty (tuned)
+    doc_stride: int
+    max_answer_length: int
+    n_best_size: int
+
+
 class QuestionAnsweringTask(Task):
     name = "question_answering"
     auto_model_class = "AutoModelForQuestionAnswering"
     peft_task_type = "QUESTION_ANS"
+    state_type = QuestionAnsweringState
+    pipeline_tag = "question-answering"
 
     def reader(self, cfg: QuestionAnsweringTaskConfig):
         return read_questions
@@ -340,13 +352,9 @@ class QuestionAnsweringTask(Task):
         version_2 = bool(unanswerable) if cfg.version_2_with_negative == "auto" else cfg.version_2_with_negative
         if repaired:
             warnings.append(f"task.repair: moved {repaired} answer_start offsets to the nearest occurrence of their answer text")
-        state = {
-            "version_2": version_2,
-            "null_score_threshold": cfg.null_score_threshold,
-            "doc_stride": cfg.doc_stride,
-            "max_answer_length": cfg.max_answer_length,
-            "n_best_size": cfg.n_best_size,
-        }
+        state = QuestionAnsweringState(version_2=version_2, null_score_threshold=cfg.null_score_threshold,
+                                       doc_stride=cfg.doc_stride, max_answer_length=cfg.max_answer_length,
+                                       n_best_size=cfg.n_best_size)
         return state, warnings
 
     def preflight_eval(self, cfg: QuestionAnsweringTaskConfig, state: dict, table: Table) -> None:
@@ -417,7 +425,7 @@ class QuestionAnsweringTask(Task):
     def evaluation_batch(self, model, inputs: dict, labels, extras: dict, loss_fn, state: dict) -> dict:
         logits = self.logits(model(**inputs))
         losses = loss_fn(logits, labels)
-        reduced = qa.window_candidates(logits, extras, state["n_best_size"], state["max_answer_length"],
+        reduced = qa.window_candidates(logits, extras, state.n_best_size, state.max_answer_length,
                                        SpanAccumulator.spans_per_window)
         return {**reduced, "loss_sums": losses.sums, "loss_units": losses.units}
 
@@ -426,13 +434,13 @@ class QuestionAnsweringTask(Task):
 
     def compute_metrics(self, accumulator: SpanAccumulator, state: dict) -> dict:
         gold = accumulator.gold or Gold([], [])
-        threshold = state["null_score_threshold"] if state["version_2"] else None
+        threshold = state.null_score_threshold if state.version_2 else None
         predictions = accumulator.predictions(threshold)
         out = {"loss": accumulator.loss, "samples": len(gold.answers), "windows": accumulator.windows,
                **squad_metrics(predictions, gold.answers)}
-        if state["version_2"] and gold.answers:
+        if state.version_2 and gold.answers:
             best, value = self._tuned(accumulator)
-            out.update(best_f1=value, best_f1_threshold=best, null_score_threshold=state["null_score_threshold"])
+            out.update(best_f1=value, best_f1_threshold=best, null_score_threshold=state.null_score_threshold)
         return out
 
     def _tuned(self, accumulator: SpanAccumulator) -> tuple[float, float]:
@@ -443,9 +451,19 @@ class QuestionAnsweringTask(Task):
         return "f1", True
 
     def after_training(self, cfg: QuestionAnsweringTaskConfig, state: dict, accumulator: SpanAccumulator) -> dict:
-        if state["version_2"] and cfg.tune_null_threshold and accumulator.gold and accumulator.gold.answers:
-            return {**state, "null_score_threshold": self._tuned(accumulator)[0]}
+        if state.version_2 and cfg.tune_null_threshold and accumulator.gold and accumulator.gold.answers:
+            return dataclasses.replace(state, null_score_threshold=self._tuned(accumulator)[0])
         return state
+
+    def card(self, state: QuestionAnsweringState) -> CardSection:
+        # transformers 5 has no question-answering pipeline: the card shows tunesmith's own QA inference.
+        return CardSection(self.pipeline_tag, kind="SQuAD v2 (questions may have no answer)" if state.version_2 else "SQuAD v1", usage=[
+            "from transformers import AutoModelForQuestionAnswering, AutoTokenizer",
+            "from tunesmith.qa import answer",
+            'model = AutoModelForQuestionAnswering.from_pretrained("PATH/TO/RUN/model")',
+            'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/RUN/model")',
+            'answer(model, tokenizer, ["Who wrote it?"], ["It was written by Ada Lovelace."])',
+        ], cli_example="--question 'Who wrote it?' --context 'It was written by Ada Lovelace.'")
 
     # ------------------------------------------------------------------ prediction
 
@@ -455,6 +473,6 @@ class QuestionAnsweringTask(Task):
         pairs = [(x["question"], x["context"]) if isinstance(x, dict) else tuple(x) for x in inputs]
         return qa.answer(
             model, tokenizer, [q for q, _ in pairs], [c for _, c in pairs], max_length=max_length,
-            doc_stride=state["doc_stride"], max_answer_length=state["max_answer_length"], n_best_size=state["n_best_size"],
-            handle_impossible_answer=state["version_2"], null_threshold=state["null_score_threshold"], batch_size=batch_size,
+            doc_stride=state.doc_stride, max_answer_length=state.max_answer_length, n_best_size=state.n_best_size,
+            handle_impossible_answer=state.version_2, null_threshold=state.null_score_threshold, batch_size=batch_size,
         )

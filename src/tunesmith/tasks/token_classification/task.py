@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from tunesmith.data.loaders import CONLL_SUFFIXES, Table, read_conll, read_file
 from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import ConfigError, DataError, shown, summarise as _summarise
 from tunesmith.tasks.token_classification.metrics import TagAccumulator, entity_metrics
-from tunesmith.tasks.base import Losses, Task
+from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
 
 IGNORE = -100
 TAG = re.compile(r"^([BIES])-(.+)$")
@@ -242,10 +243,21 @@ def group_entities(text: str, words: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- the task
 
 
+@dataclass(frozen=True)
+class TokenClassificationState(TaskState):
+    labels: list[str]  # tags in the model's output order
+    source_scheme: str  # the data's tag scheme (BIO, BIOES, IO, none)
+    scheme: str  # the scheme trained and predicted (after task.convert_scheme)
+    aggregation: str  # how a word's sub-token scores combine at prediction (first, average, max)
+    strict: bool = False  # seqeval strict mode
+
+
 class TokenClassificationTask(Task):
     name = "token_classification"
     auto_model_class = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
+    state_type = TokenClassificationState
+    pipeline_tag = "token-classification"
 
     # ------------------------------------------------------------------ reading
 
@@ -355,7 +367,8 @@ class TokenClassificationTask(Task):
         if errors:
             raise DataError(_summarise(errors))
         final = scheme if cfg.convert_scheme == "keep" else cfg.convert_scheme
-        state = {"labels": labels, "source_scheme": scheme, "scheme": final, "aggregation": cfg.aggregation, "strict": cfg.strict}
+        state = TokenClassificationState(labels=labels, source_scheme=scheme, scheme=final, aggregation=cfg.aggregation,
+                                         strict=cfg.strict)
         warnings = []
         if cfg.strict and final not in ("BIO", "BIOES"):
             warnings.append(f"task.strict needs BIO or BIOES tags, found {final}; entity metrics use the default (lenient) mode")
@@ -364,9 +377,9 @@ class TokenClassificationTask(Task):
     def preflight_eval(self, cfg: TokenClassificationTaskConfig, state: dict, table: Table) -> None:
         sentences, errors = self.sentences(cfg, table)
         if not errors:
-            errors = self._tag_errors(cfg, sentences, state["source_scheme"], None)
-            prepared = self._prepare(cfg, sentences, state["source_scheme"])
-            errors += self._tag_errors(cfg.model_copy(update={"repair": True}), prepared, state["scheme"], state["labels"])
+            errors = self._tag_errors(cfg, sentences, state.source_scheme, None)
+            prepared = self._prepare(cfg, sentences, state.source_scheme)
+            errors += self._tag_errors(cfg.model_copy(update={"repair": True}), prepared, state.scheme, state.labels)
         if errors:
             raise DataError(_summarise(errors))
 
@@ -390,15 +403,15 @@ class TokenClassificationTask(Task):
         sentences, errors = self.sentences(cfg, table)
         if errors:
             raise DataError(_summarise(errors))
-        sentences = self._prepare(cfg, sentences, state["source_scheme"])
-        index = {tag: i for i, tag in enumerate(state["labels"])}
+        sentences = self._prepare(cfg, sentences, state.source_scheme)
+        index = {tag: i for i, tag in enumerate(state.labels)}
         words, tags = [], []
         for s, ranges in zip(sentences, word_windows(tokenizer, [s.tokens for s in sentences], cfg.max_length)):
             for a, b in ranges:
                 words.append(s.tokens[a:b])
                 tags.append([index[t] for t in s.tags[a:b]])
         raw = datasets.Dataset.from_dict({"words": words, "tags": tags})
-        offset = len(state["labels"]) if cfg.label_all_subtokens else None
+        offset = len(state.labels) if cfg.label_all_subtokens else None
 
         def tokenize(batch):
             encoded = tokenizer(batch["words"], is_split_into_words=True, truncation=True, max_length=cfg.max_length)
@@ -424,11 +437,11 @@ class TokenClassificationTask(Task):
     # ------------------------------------------------------------------ model, loss, metrics
 
     def model_kwargs(self, state: dict) -> dict:
-        labels = state["labels"]
+        labels = state.labels
         return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
 
     def loss_fn(self, cfg, state: dict, train) -> Callable:
-        k = len(state["labels"])
+        k = len(state.labels)
 
         def loss(logits: torch.Tensor, labels: torch.Tensor) -> Losses:
             """Per window: the cross-entropy summed over its labelled tokens, and how many there are."""
@@ -439,19 +452,22 @@ class TokenClassificationTask(Task):
         return loss
 
     def new_accumulator(self, state: dict, references=None) -> TagAccumulator:
-        return TagAccumulator(state["labels"])
+        return TagAccumulator(state.labels)
 
     def scores(self, logits: torch.Tensor, state: dict) -> torch.Tensor:
         return logits.argmax(-1)
 
     def compute_metrics(self, accumulator: TagAccumulator, state: dict) -> dict:
         out: dict = {"loss": accumulator.loss, "samples": accumulator.count, "accuracy": accumulator.accuracy, "tokens": accumulator.tokens}
-        if state["scheme"] != "none":
-            out.update(entity_metrics(accumulator.true, accumulator.pred, state["scheme"], bool(state.get("strict"))))
+        if state.scheme != "none":
+            out.update(entity_metrics(accumulator.true, accumulator.pred, state.scheme, bool(state.strict)))
         return out
 
     def default_metric(self, state: dict) -> tuple[str, bool]:
-        return ("accuracy", True) if state["scheme"] == "none" else ("f1", True)
+        return ("accuracy", True) if state.scheme == "none" else ("f1", True)
+
+    def card(self, state: TokenClassificationState) -> CardSection:
+        return dataclasses.replace(super().card(state), kind=state.scheme, labels=state.labels)
 
     # ------------------------------------------------------------------ prediction
 
@@ -461,7 +477,7 @@ class TokenClassificationTask(Task):
     ) -> list[dict]:
         """Strings give entity spans (character offsets, label, score) plus their words and tags; token
         lists give one tag (and score) per token. One dict per input, in order."""
-        aggregation = aggregation or state.get("aggregation", "first")
+        aggregation = aggregation or state.aggregation
         if aggregation not in AGGREGATIONS:
             raise ConfigError(f"aggregation: expected one of {', '.join(AGGREGATIONS)}, found '{aggregation}'")
         model.eval()
@@ -479,7 +495,7 @@ class TokenClassificationTask(Task):
         return results  # type: ignore[return-value]
 
     def _predict_tokens(self, model, tokenizer, sentences, state, batch_size, max_length, aggregation) -> list[dict]:
-        labels = state["labels"]
+        labels = state.labels
         owners, pieces = [], []
         nonempty = [i for i, s in enumerate(sentences) if s]
         windows = word_windows(tokenizer, [sentences[i] for i in nonempty], max_length)
@@ -504,7 +520,7 @@ class TokenClassificationTask(Task):
         return results
 
     def _predict_texts(self, model, tokenizer, texts, state, batch_size, max_length, aggregation) -> list[dict]:
-        labels = state["labels"]
+        labels = state.labels
         budget = max(1, max_length - tokenizer.num_special_tokens_to_add(pair=False))
         windows: list[tuple[int, int, int]] = []  # (text, first char, end char)
         for i, text in enumerate(texts):
