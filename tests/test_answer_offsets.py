@@ -16,7 +16,7 @@ import pytest
 from tunesmith.config.schema import parse_config
 from tunesmith.data.splits import make_splits
 from tunesmith.errors import DataError
-from tunesmith.cli.predict_io import read_inputs
+from tunesmith.data.inputs import read_inputs
 from tunesmith.tasks import get_task
 from tunesmith.tasks.question_answering.task import read_examples
 

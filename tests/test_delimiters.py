@@ -16,7 +16,7 @@ import pytest
 from tunesmith.config.schema import ClassificationTaskConfig, parse_config
 from tunesmith.data.loaders import detect_delimiter, read_file
 from tunesmith.errors import DataError
-from tunesmith.cli.predict_io import read_inputs
+from tunesmith.data.inputs import read_inputs
 from tunesmith.tasks import get_task
 
 # Texts holding commas: read at commas, a TSV's second line has two fields under a one-field header.

@@ -50,3 +50,24 @@ def test_loss_total_weighs_every_unit_alike():
     total.add(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))  # two of 1 token, loss 1 each
     assert total.mean == pytest.approx(8 / 5)  # not the mean of the batch means (1.5)
     assert Losses.per_example(torch.tensor([1.0, 3.0])).units.tolist() == [1.0, 1.0]
+
+
+def test_a_family_refuses_input_options_it_does_not_declare(tmp_path):
+    from tunesmith.config.schema import ClassificationTaskConfig
+    from tunesmith.errors import DataError
+    from tunesmith.tasks import get_task
+
+    task = get_task("classification")
+    with pytest.raises(DataError, match="--question: not an option of classification runs"):
+        task.predict_inputs(ClassificationTaskConfig(), "utf-8", None, ["a text"], {"question": ["Who?"]})
+    assert task.predict_inputs(ClassificationTaskConfig(), "utf-8", None, ["a text"], {}) == (["a text"], [{"text": "a text"}])
+
+
+def test_typed_state_round_trips_and_names_what_is_missing():
+    from tunesmith.errors import ConfigError
+    from tunesmith.tasks.classification.task import ClassificationState
+
+    state = ClassificationState("multi_label", ["a", "b"], 0.3)
+    assert ClassificationState.from_json({**state.to_json(), "from_a_later_version": 1}) == state
+    with pytest.raises(ConfigError, match="missing problem_type, labels"):
+        ClassificationState.from_json({}, "RUN/task.json")

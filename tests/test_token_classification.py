@@ -413,7 +413,8 @@ def test_example_config_and_reference():
 
 
 def test_prediction_inputs_and_outputs(tmp_path):
-    from tunesmith.cli.predict_io import read_inputs, render_predictions
+    from tunesmith.cli.predict_io import render_predictions
+    from tunesmith.data.inputs import read_inputs
 
     cfg = parse_config({"task": TASK})
     write_jsonl(tmp_path / "in.jsonl", [{"tokens": ["Anna", "sings"]}, {"tokens": ["Oslo"]}])

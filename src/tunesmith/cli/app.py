@@ -291,13 +291,14 @@ def predict(
         _fail(err)
     _setup_logging()
     from tunesmith import api
-    from tunesmith.cli.predict_io import read_inputs, render_predictions
+    from tunesmith.cli.predict_io import render_predictions
+    from tunesmith.data.inputs import read_inputs
 
     try:
         loaded = api.load(run_dir)
         if aggregation and "aggregation" not in inspect.signature(loaded.task.predict).parameters:
             raise TunesmithError("--aggregation applies to token classification runs only; drop it")
-        inputs, records = read_inputs(loaded.config, input_file, text, question, context)
+        inputs, records = read_inputs(loaded.config, input_file, text, {k: v for k, v in {"question": question, "context": context}.items() if v})
         predictions = loaded.predict(inputs, batch_size=batch_size, **({"aggregation": aggregation} if aggregation else {}))
         lines = render_predictions(records, predictions, output_format)
     except TunesmithError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import datasets
@@ -17,6 +18,7 @@ import torch
 
 from transformers import DataCollatorWithPadding
 
+from tunesmith.data.inputs import InputColumns, read_text_inputs
 from tunesmith.data.loaders import Table, read_file
 from tunesmith.methods.apply import head_module_names
 
@@ -194,6 +196,21 @@ class Task(ABC):
     def after_training(self, cfg, state: dict, accumulator) -> dict:
         """Calibrate on validation outputs of the best model (e.g. tune a threshold); returns updated state."""
         return state
+
+    def input_columns(self, cfg) -> InputColumns:
+        """Where `predict`'s inputs are in a table given to it (its text column, a pair's, pre-split tokens)."""
+        return InputColumns()
+
+    def predict_inputs(self, cfg, encoding: str, input_file: Path | None, texts: list[str] | None,
+                       options: dict) -> tuple[list, list[dict]]:
+        """(inputs for `predict`, the records echoed with each prediction) from the command line: --text values,
+        an --input file or stdin; `options`: the family's own input options given (`Family.predict_options`)."""
+        if options:
+            from tunesmith.errors import DataError
+
+            given = "/".join(f"--{name}" for name in options)
+            raise DataError(f"{given}: not an option of {self.name} runs (this run); pass its inputs with --text or --input")
+        return read_text_inputs(self.reader(cfg), encoding, input_file, texts, self.input_columns(cfg))
 
     def before_save(self, model, state: TaskState) -> None:
         """Write what plain transformers should know of the state into the model's config before it is saved

@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from tunesmith.config.schema import ClassificationTaskConfig
+from tunesmith.data.inputs import InputColumns
 from tunesmith.data.loaders import Table
 from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import DataError, shown, summarise as _summarise
@@ -357,6 +358,9 @@ class ClassificationTask(Task):
         if state.problem_type == "multi_label" and cfg.tune_threshold and accumulator.count:
             return dataclasses.replace(state, threshold=tune_threshold(accumulator.scores, accumulator.targets))
         return state
+
+    def input_columns(self, cfg: ClassificationTaskConfig) -> InputColumns:
+        return InputColumns(cfg.text_column, cfg.text_pair_column)
 
     def before_save(self, model, state: ClassificationState) -> None:
         if state.threshold is not None:

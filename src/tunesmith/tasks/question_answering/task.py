@@ -28,6 +28,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -454,6 +455,30 @@ class QuestionAnsweringTask(Task):
         if state.version_2 and cfg.tune_null_threshold and accumulator.gold and accumulator.gold.answers:
             return dataclasses.replace(state, null_score_threshold=self._tuned(accumulator)[0])
         return state
+
+    def predict_inputs(self, cfg: QuestionAnsweringTaskConfig, encoding: str, input_file: Path | None,
+                       texts: list[str] | None, options: dict) -> tuple[list, list[dict]]:
+        """(question, context) pairs from --question/--context, or from a file with the run's question and
+        context columns (SQuAD JSON too); records echo the id (when the file has one) and the question."""
+        questions, contexts = list(options.get("question") or []), list(options.get("context") or [])
+        if texts:
+            raise DataError("--text: a question answering run needs a question and its context; pass --question Q --context C")
+        if questions or contexts:
+            if len(contexts) == 1:
+                contexts = contexts * len(questions)
+            if not questions or len(questions) != len(contexts):
+                raise DataError(
+                    f"--question/--context: expected one --context per --question, or one --context for all of them; found "
+                    f"{len(questions)} --question and {len(contexts)} --context"
+                )
+            return list(zip(questions, contexts)), [{"question": q} for q in questions]
+        if input_file is None:
+            raise DataError("no input: pass --question Q --context C, or --input FILE with question and context columns (or SQuAD JSON)")
+        examples, problems, _, _ = read_examples(cfg, self.reader(cfg)(input_file, encoding, "--input"), labelled=False)
+        if problems:
+            raise DataError(summarise(problems))
+        inputs = [(e.question, e.context) for e in examples]
+        return inputs, [({"id": e.id} if e.id is not None else {}) | {"question": e.question} for e in examples]
 
     def card(self, state: QuestionAnsweringState) -> CardSection:
         # transformers 5 has no question-answering pipeline: the card shows tunesmith's own QA inference.

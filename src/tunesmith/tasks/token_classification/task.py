@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from transformers import DataCollatorForTokenClassification
 
 from tunesmith.config.schema import TokenClassificationTaskConfig
+from tunesmith.data.inputs import InputColumns
 from tunesmith.data.loaders import CONLL_SUFFIXES, Table, read_conll, read_file
 from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import ConfigError, DataError, shown, summarise as _summarise
@@ -465,6 +466,9 @@ class TokenClassificationTask(Task):
 
     def default_metric(self, state: dict) -> tuple[str, bool]:
         return ("accuracy", True) if state.scheme == "none" else ("f1", True)
+
+    def input_columns(self, cfg: TokenClassificationTaskConfig) -> InputColumns:
+        return InputColumns(cfg.text_column, tokens=cfg.tokens_column)  # texts give entity spans, token lists tags
 
     def card(self, state: TokenClassificationState) -> CardSection:
         return dataclasses.replace(super().card(state), kind=state.scheme, labels=state.labels)
