@@ -62,17 +62,24 @@ BATCH, LR, MAX_LENGTH, SEED = 32, 5e-5, 128, 0
 LABELS = {"trainer-defaults": "(a)", "trainer-best": "(b)", "trainer-best-allocator": "(b+)", "tunesmith": "(c)",
           "tunesmith-compile": "(d)", "tunesmith-frozen": "(f)", "tunesmith-no-first-token": "(c-)",
           "tunesmith-no-fast-dropout": "(c-)", "tunesmith-every-embedding-row": "(c-)",
-          "tunesmith-no-fast-path": "(c-)", "tunesmith-attention-upcast": "(c-)"}
-# tunesmith with train options changed: (d), and ablations of (c) that show what each fast-path option is worth.
+          "tunesmith-no-fast-path": "(c-)", "tunesmith-attention-upcast": "(c-)", "tunesmith-plain": "(c0)"}
+# tunesmith with train options changed: (d), and ablations of (c) that show what each fast-path option is worth
+# (`train.cpu` keys; `tunesmith-plain` turns every CPU speed trick off with the one switch).
 TUNESMITH_OPTIONS = {
     "tunesmith-compile": {"torch_compile": True},
-    "tunesmith-no-first-token": {"first_token_only": False},
-    "tunesmith-no-fast-dropout": {"fast_dropout": False},
-    "tunesmith-every-embedding-row": {"skip_unseen_embedding_rows": False},
-    "tunesmith-attention-upcast": {"cpu_attention_upcast": True},
-    "tunesmith-no-fast-path": {"first_token_only": False, "fast_dropout": False, "reuse_freed_memory": False,
-                               "skip_unseen_embedding_rows": False},
+    "tunesmith-no-first-token": {"cpu": {"first_token_only": False}},
+    "tunesmith-no-fast-dropout": {"cpu": {"fast_dropout": False}},
+    "tunesmith-every-embedding-row": {"cpu": {"skip_unseen_embedding_rows": False}},
+    "tunesmith-attention-upcast": {"cpu": {"attention_upcast": True}},
+    "tunesmith-no-fast-path": {"cpu": {"first_token_only": False, "fast_dropout": False, "reuse_freed_memory": False,
+                                       "skip_unseen_embedding_rows": False}},
+    "tunesmith-plain": {"cpu": {"speedups": False}},
 }
+
+
+def _option_names(options: dict) -> str:
+    """`{"cpu": {"fast_dropout": False}}` -> `fast_dropout=False`, as the rows of earlier results name them."""
+    return " ".join(_option_names(v) if isinstance(v, dict) else f"{k}={v}" for k, v in options.items())
 
 
 def peak_rss_mb() -> float:
@@ -97,7 +104,7 @@ def child(system: str, split_dir: Path, epochs: float, out: Path) -> None:
         method = "frozen" if name == "tunesmith-frozen" else "full"
         row = run_tunesmith(paths, method, split_dir / "runs", precision or "auto", extra)
         if name in TUNESMITH_OPTIONS:
-            row["system"] += " + " + " ".join(f"{k}={v}" for k, v in extra.items())
+            row["system"] += " + " + _option_names(extra)
     else:
         from classification import run_trainer
 
@@ -153,7 +160,7 @@ def gemm_peak(precision: str) -> float:
 def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 512)) -> list[dict]:
     """Time of one tunesmith training step (batch 32, every position a real token) at fixed sequence lengths.
 
-    The step is the loop's: `apply_speed_options` (CPU fast path, first-token shortcut), the embedding
+    The step is the loop's: `apply_speed_options` (CPU speed tricks, first-token shortcut), the embedding
     training only the rows of the batches' tokens (`embedding_rows`), fused AdamW with
     no decay on biases and norms, the attention-kernel choice, clipping. Two FLOP counts per step:
     model FLOPs, the usual MFU numerator (6 x non-embedding parameters x tokens, plus the attention
@@ -164,7 +171,7 @@ def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 5
 
     from tunesmith.assets import bundled_model_path
     from tunesmith.config.schema import TrainConfig
-    from tunesmith.speed.cpu_fastpath import attention_kernel
+    from tunesmith.speed.cpu import attention_kernel, math_attention_max_length
     from tunesmith.speed.embedding_rows import decay_unseen_rows, train_seen_rows_only
     from tunesmith.speed.performance import apply_speed_options
     from tunesmith.loop.loop import make_optimizer
@@ -195,7 +202,7 @@ def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 5
         for _ in range(4):
             start = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), attention_kernel(
-                    batch, "cpu", train_cfg.cpu_math_attention_max_length):
+                    batch, "cpu", math_attention_max_length(train_cfg)):
                 loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)

@@ -420,6 +420,51 @@ def test_attention_forward_hands_other_cases_to_sdpa(situation, monkeypatch):
     assert out == "sdpa" and len(calls) == 1
 
 
+def _sdpa_calls(monkeypatch) -> list[dict]:
+    import transformers.integrations.sdpa_attention as sdpa
+
+    calls: list[dict] = []
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", lambda *a, **kw: calls.append(kw) or ("sdpa", None))
+    return calls
+
+
+@pytest.mark.parametrize("extra", [
+    {"tunesmith_made_up_option": 3},  # a keyword argument it does not know
+    {"sliding_window": 4},
+    {"position_bias": torch.zeros(3, 4, 7, 7)},
+    {"s_aux": torch.zeros(4)},
+    {"output_attentions": True},
+    {"cu_seq_lens_q": torch.tensor([0, 7])},  # packed sequences for flash kernels: not in its list either
+], ids=lambda extra: next(iter(extra)))
+def test_attention_forward_hands_what_it_does_not_implement_to_sdpa(extra, monkeypatch):
+    calls = _sdpa_calls(monkeypatch)
+    q, k, v = _qkv()
+    out, _ = attention_forward(_Attention().train(), q, k, v, _padding_mask(), dropout=0.1, scaling=0.3, **extra)
+    assert out == "sdpa" and len(calls) == 1
+    name = next(iter(extra))
+    assert calls[0][name] is extra[name] and calls[0]["dropout"] == 0.1 and calls[0]["scaling"] == 0.3  # handed on as given
+
+
+@pytest.mark.parametrize("mask", ["int", "3d", "learned", "wrong_length"])
+def test_attention_forward_hands_masks_it_does_not_know_to_sdpa(mask, monkeypatch):
+    calls = _sdpa_calls(monkeypatch)
+    q, k, v = _qkv()
+    given = {"int": _padding_mask().long(), "3d": _padding_mask()[:, 0], "wrong_length": _padding_mask()[..., :5],
+             "learned": _padding_mask(kind="float").requires_grad_()}[mask]
+    out, _ = attention_forward(_Attention().train(), q, k, v, given, dropout=0.1)
+    assert out == "sdpa" and len(calls) == 1
+
+
+def test_attention_forward_computes_the_arguments_it_implements(monkeypatch):
+    # What BERT, GPT-2, Llama, Qwen2 and ModernBERT pass in training (transformers 5), at values that change nothing.
+    calls = _sdpa_calls(monkeypatch)
+    q, k, v = _qkv()
+    known = {"position_ids": torch.arange(7)[None], "use_cache": True, "encoder_hidden_states": None, "deterministic": False,
+             "sliding_window": None, "softcap": None, "s_aux": None, "position_bias": None, "output_attentions": False}
+    out, weights = attention_forward(_Attention().train(), q, k, v, _padding_mask(), dropout=0.1, scaling=0.3, **known)
+    assert not calls and weights is None and out.shape == (3, 7, 4, 8)
+
+
 def test_use_fast_attention_switches_the_model_and_restores_it(tiny_bert):
     from transformers import BertConfig, BertForSequenceClassification
 

@@ -134,7 +134,7 @@ def test_suggested_batch_fits_and_keeps_the_global_batch(tiny_bert, sentiment_cs
     model = _bert()
     cfg = parse_config(_cfg(tmp_path, tiny_bert, sentiment_csv, per_device_train_batch_size=64, gradient_accumulation_steps=1))
     cfg.task.max_length = 128
-    need = lambda b: estimate_training_memory(model, batch_size=b, seq_len=128, eval_batch_size=64, heap_reuse=cfg.train.reuse_freed_memory).needed  # noqa: E731
+    need = lambda b: estimate_training_memory(model, batch_size=b, seq_len=128, eval_batch_size=64, heap_reuse=cfg.train.cpu.reuse_freed_memory).needed  # noqa: E731
     _little_ram(monkeypatch, int(need(8) / memory.WARN_SHARE) + 1)  # batch 8 just fits under the warning share
     with pytest.raises(ResourceError) as caught:
         check_memory(model, cfg, "fp32")
@@ -147,7 +147,7 @@ def test_near_the_limit_is_a_warning(tiny_bert, sentiment_csv, tmp_path, monkeyp
     model = _bert()
     cfg = parse_config(_cfg(tmp_path, tiny_bert, sentiment_csv, per_device_train_batch_size=16))
     cfg.task.max_length = 128
-    need = estimate_training_memory(model, batch_size=16, seq_len=128, eval_batch_size=64, heap_reuse=cfg.train.reuse_freed_memory).needed
+    need = estimate_training_memory(model, batch_size=16, seq_len=128, eval_batch_size=64, heap_reuse=cfg.train.cpu.reuse_freed_memory).needed
     _little_ram(monkeypatch, int(need / 0.9))
     (warning,) = check_memory(model, cfg, "fp32")
     assert warning.startswith("memory: estimated peak training memory") and "is 90% of the" in warning
@@ -186,7 +186,7 @@ def test_estimate_matches_the_peak_rss_of_a_real_run(tmp_path):
             seen["rss"] = psutil.Process().memory_info().rss
             from tunesmith.speed.memory import estimate_training_memory
             seen["estimate"] = estimate_training_memory(model, batch_size=16, seq_len=256, eval_batch_size=64,
-                                                        heap_reuse=cfg.train.reuse_freed_memory).training
+                                                        heap_reuse=cfg.train.cpu.reuse_freed_memory).training
             return check(model, cfg, precision, data, device)
         api.check_memory = spy
         tunesmith.train({{"data": {{"train_file": {str(tmp_path / "train.csv")!r}, "max_eval_samples": 32}},

@@ -21,7 +21,6 @@ from tunesmith.config.schema import ModelConfig, RunConfig, coerce_config, parse
 from tunesmith.data.batching import eval_loader, train_loader
 from tunesmith.data.splits import data_file_paths, make_splits
 from tunesmith.distributed import strategies as distributed
-from tunesmith.speed.embedding_rows import dataset_token_ids, train_seen_rows_only
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.speed.first_token import first_token_only
 from tunesmith.speed.memory import check_memory
@@ -310,8 +309,9 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
     # Counted before the speed options: skipping unseen embedding rows hides most of the embedding from
     # `parameters()`, which would report the model as half its size.
     params = str(count_parameters(model))
-    model, speed = apply_speed_options(model, cfg.train, cfg.method.name, threads, sequence_head=task.sequence_head)
-    speed["skip_unseen_embedding_rows"] = _skip_unseen_rows(model, cfg, device, encoded["train"], tokenizer)
+    model, speed = apply_speed_options(model, cfg.train, cfg.method.name, threads, sequence_head=task.sequence_head,
+                                       device_type=device.type, train_data=encoded["train"],
+                                       pad_token_id=tokenizer.pad_token_id, cleanup=cleanup)
     warnings += check_memory(model, cfg, precision.precision, encoded["train"])  # ResourceError before the run dir exists
     # Only now, with data checked and the model loaded, does the run directory appear (written by
     # the main process once every process has passed the check above).
@@ -417,7 +417,7 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
         accelerator.free_memory()  # kept by the loop for the fp32 master weights plain_model just read
     for trained in (accelerator.unwrap_model(model), plain):
         if trained is not None:
-            restore_speed_options(trained)  # the returned/saved model is plain again (nn.Dropout, sdpa, every token)
+            restore_speed_options(trained)  # the returned/saved model is plain again; glibc's allocator defaults back
     if accelerator.is_main_process:  # one writer: under DDP the model and files are written once
         _write_run(run_dir, plain, tokenizer, cfg, task, state, metrics,
                    {"choice": precision.precision, "reason": precision.reason}, warnings, notes, params, speed)
@@ -430,15 +430,6 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint, cleanup: contextlib.ExitSt
 def _saving_notice(signum: int) -> str:
     return ("stopping: training has finished and the run is being evaluated and saved; it ends by itself in a moment. "
             "Press Ctrl-C again to abandon the save (the last checkpoint stays resumable)")
-
-
-def _skip_unseen_rows(model, cfg: RunConfig, device: torch.device, train_data, tokenizer) -> dict | bool:
-    """`train.skip_unseen_embedding_rows` where it applies (CPU, no sharding); see `embedding_rows`."""
-    if not cfg.train.skip_unseen_embedding_rows or device.type != "cpu" or cfg.train.fsdp:
-        return False
-    if distributed.requested_strategy() == "deepspeed":
-        return False
-    return train_seen_rows_only(model, dataset_token_ids(train_data), [tokenizer.pad_token_id]) or False
 
 
 def _launcher_fsdp(cfg: RunConfig) -> bool:

@@ -23,7 +23,7 @@ from tunesmith.errors import ConfigError, shown
 log = logging.getLogger(__name__)
 
 # Bump when a key is renamed or removed; recorded in every run directory.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 DEFAULT_MODEL = "bundled:all-MiniLM-L6-v2"
 
@@ -194,6 +194,55 @@ class MethodConfig(Section):
     merge_on_save: bool = Field(True, description="Also save a plain merged model next to the adapter.")
 
 
+class CpuConfig(Section):
+    """CPU speed tricks of training (`tunesmith.speed.cpu`, docs/speed.md); `speedups: false` turns all of them off."""
+
+    speedups: bool = Field(
+        True, description="The switch for every key below: false runs plain PyTorch (torch's dropout, transformers' SDPA "
+        "attention and torch's kernel choice, every token and embedding row computed, glibc's allocator settings), "
+        "whatever the other keys say."
+    )
+    fast_dropout: bool = Field(
+        True, description="CPU training: `nn.Dropout` and the attention-probability dropout of models using transformers' "
+        "SDPA attention draw their masks from 16-bit uniforms (4 per 64-bit random word of numpy's SFC64, seeded from "
+        "torch's generator) instead of one Bernoulli per element. Keep probability within 8e-6 of 1 - p, kept values "
+        "scaled by its inverse; a different random stream from torch's, as reproducible. GPUs, evaluation and "
+        "`train.torch_compile` runs keep torch's dropout."
+    )
+    attention_upcast: bool = Field(
+        False, description="CPU training with attention dropout (`fast_dropout`): compute the attention matmuls in fp32, "
+        "as SDPA's math kernel does. Default: they run in the autocast dtype (bf16), as in transformers' eager "
+        "attention under autocast, with the softmax and its backward in fp32 (scores rounded to bf16 before the "
+        "softmax). No effect in fp32 training."
+    )
+    first_token_only: bool = Field(
+        True, description="Sequence classification with a head that reads only the first token (BERT, RoBERTa, XLM-R, "
+        "CamemBERT, ELECTRA), on any device: the last layer computes its query, attention row, attention output and "
+        "feed-forward block for that token only. Same outputs and gradients. Other models and tasks are unaffected."
+    )
+    math_attention_max_length: int = Field(
+        128, ge=0, description="CPU training: batches with sequences up to this many tokens run SDPA's math kernel "
+        "instead of torch's choice (its flash kernel, slower in training on short sequences); matters for models "
+        "without attention dropout. 0: torch's choice always. Evaluation and `train.torch_compile` runs keep torch's choice."
+    )
+    skip_unseen_embedding_rows: bool = Field(
+        True, description="CPU training: the input-embedding rows of tokens that never occur in the training data get "
+        "no gradient, so AdamW only decays them; they are kept out of the gradient, clipping and optimizer, and decayed "
+        "by the same fp32 multiply AdamW makes (a bit-identical model). Only a trained, untied `nn.Embedding`; not "
+        "under FSDP2/DeepSpeed."
+    )
+    reuse_freed_memory: bool = Field(
+        True, description="glibc only: for the run, serve large blocks from the heap and never trim it (mallopt), so "
+        "each step reuses memory instead of page-faulting fresh zeroed pages. Costs heap fragmentation at long "
+        "sequences (counted by the memory check). Process-wide; glibc's defaults are set back when the run ends."
+    )
+
+    def effective(self, key: str) -> Any:
+        """The value `key` has in effect: its own, or off (false, 0) when `speedups` is false."""
+        value = getattr(self, key)
+        return value if self.speedups else type(value)()
+
+
 class TrainConfig(Section):
     """Training hyper-parameters, named like `transformers.TrainingArguments`."""
 
@@ -236,43 +285,6 @@ class TrainConfig(Section):
     cache_frozen_features: bool = Field(
         True, description="`method: frozen`: run the encoder once, cache its outputs, train only the head on them."
     )
-    fast_dropout: bool = Field(
-        True, description="CPU training: `nn.Dropout` and the attention-probability dropout of models using transformers' "
-        "SDPA attention draw their masks from 16-bit uniforms (4 per 64-bit random word of numpy's SFC64, seeded from "
-        "torch's generator) instead of one Bernoulli per element: ~5x cheaper masks; keep probability within 8e-6 of "
-        "1 - p, kept values scaled by its inverse (rounded to the tensor's dtype, as torch's dropout rounds its scaled mask). "
-        "GPUs and evaluation unaffected."
-    )
-    cpu_attention_upcast: bool = Field(
-        False, description="CPU training with attention dropout (`fast_dropout`): compute the attention matmuls in fp32, "
-        "as SDPA's math kernel does. Default: they run in the autocast dtype (bf16), as in transformers' eager "
-        "attention under autocast, with the softmax and its backward in fp32; 2x faster attention (MiniLM, 35 tokens), "
-        "scores rounded to bf16 before the softmax. No effect in fp32 training."
-    )
-    first_token_only: bool = Field(
-        True, description="Sequence classification with a head that reads only the first token (BERT, RoBERTa, XLM-R, "
-        "CamemBERT, ELECTRA): the last layer computes its query, attention row, attention output and feed-forward block "
-        "for that token only. Same outputs and gradients; 14% fewer matmuls in a 6-layer model. Other models and tasks "
-        "are unaffected."
-    )
-    cpu_math_attention_max_length: int = Field(
-        128, ge=0, description="CPU training: batches with sequences up to this many tokens run SDPA's math kernel, "
-        "faster than its CPU flash kernel in training on short sequences (0.67-0.87x the time at 32-128 tokens, "
-        "1.15x at 256); matters for models without attention dropout. 0: torch's choice always. Evaluation keeps "
-        "torch's choice."
-    )
-    skip_unseen_embedding_rows: bool = Field(
-        True, description="CPU training: the input-embedding rows of tokens that never occur in the training data get "
-        "no gradient, so AdamW only decays them; they are kept out of the gradient, clipping and optimizer, and decayed "
-        "by the same fp32 multiply AdamW makes: a bit-identical model, 4% faster MiniLM steps on Rotten Tomatoes "
-        "(12,026 of 30,522 rows trained). Only a trained, untied `nn.Embedding`; not under FSDP2/DeepSpeed."
-    )
-    reuse_freed_memory: bool = Field(
-        True, description="glibc only: serve large blocks from the heap and never trim it (mallopt), so each step "
-        "reuses memory instead of page-faulting fresh zeroed pages (MiniLM steps 1.3x faster at 32 tokens, 1.6-1.9x "
-        "at 256-512; see README). Costs heap fragmentation at long sequences (up to ~50% more peak RSS, counted by "
-        "the memory check). Process-wide; freed memory returns to the system when the process exits."
-    )
     dataloader_num_workers: int = Field(0, ge=0)
     memory_check: bool = Field(
         True, description="Before the run starts, estimate peak training memory and stop (with what would fit) if it exceeds "
@@ -288,12 +300,22 @@ class TrainConfig(Section):
         10, ge=0, description="Skip up to N consecutive updates with a NaN/inf loss or gradient, then stop with an explanation "
         "(fp16 loss-scaler overflows, which the scaler handles, are logged but not counted)."
     )
+    cpu: CpuConfig = Field(CpuConfig(), description="CPU speed tricks, one switch for all of them: the `train.cpu` section.")
     fsdp: bool = Field(
         False, description="Shard weights, gradients and optimizer state across processes (torch FSDP2 `fully_shard` on "
         "each transformer block, then the whole model) instead of replicating them (DDP): each process holds 1/N of "
         "them. Works on CPU (gloo, `tunesmith train --nproc N train.fsdp=true`) and GPUs (NCCL); no effect with one "
         "process. `accelerate launch` with configs/accelerate/fsdp.yaml turns it on too."
     )
+
+    @field_validator("cpu", mode="before")
+    @classmethod
+    def _cpu_is_a_section(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            word = "true" if value else "false"
+            raise ValueError(f"expected a section of CPU settings (speedups, fast_dropout, ...), not {word}; to turn every "
+                             f"CPU speed trick {'on' if value else 'off'}, set train.cpu.speedups={word}")
+        return value
 
     @field_validator("num_threads", mode="before")
     @classmethod
@@ -360,6 +382,23 @@ _RENAMES: dict[str, str] = {
     "output.output_dir": "output.dir",
 }
 
+# tunesmith's own keys as they were named before a rename -> (the key now, the schema version that renamed it).
+# Read like the Hugging Face names above, with a note: old configs, and the config.yaml of old run directories
+# (which `--resume` reads), keep working.
+_OLD_NAMES: dict[str, tuple[str, int]] = {
+    "train.fast_dropout": ("train.cpu.fast_dropout", 2),
+    "train.cpu_attention_upcast": ("train.cpu.attention_upcast", 2),
+    "train.first_token_only": ("train.cpu.first_token_only", 2),
+    "train.cpu_math_attention_max_length": ("train.cpu.math_attention_max_length", 2),
+    "train.skip_unseen_embedding_rows": ("train.cpu.skip_unseen_embedding_rows", 2),
+    "train.reuse_freed_memory": ("train.cpu.reuse_freed_memory", 2),
+}
+
+
+def renamed_key(dotted: str) -> str:
+    """The key a dotted key written under an earlier schema version is now (itself when it was never renamed)."""
+    return _OLD_NAMES[dotted][0] if dotted in _OLD_NAMES else dotted
+
 _ALWAYS_EVALUATES = (
     "`tunesmith train` always trains, evaluates on the validation set, and evaluates the best model on the test set "
     "when there is one (data.test_file or data.test_split); remove it"
@@ -404,41 +443,48 @@ def _pipeline_names() -> dict[str, str]:
 
 
 def _apply_aliases(raw: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str], list[str]]:
-    """Hugging Face names with an exact equivalent read as ours. Returns (the rewritten config, notes,
-    problems); the caller's dict and its sections are left as they were."""
+    """Hugging Face names with an exact equivalent, and our own keys' earlier names, read as ours. Returns (the
+    rewritten config, notes, problems); the caller's dict and its sections are left as they were."""
     raw = dict(raw)
     notes: list[str] = []
     problems: list[str] = []
-    copied: set[str] = set()
+    copied: set[tuple[str, ...]] = set()
 
-    def section(name: str, create: bool = False) -> dict[str, Any] | None:
-        # Our own copy of a section, to edit; None when it is not a mapping (validation reports that).
-        value = raw.get(name)
-        if value is None and create:
-            value = {}
-        if not isinstance(value, dict):
-            return None
-        if name not in copied:
-            value = raw[name] = dict(value)
-            copied.add(name)
-        return value
+    def section(*names: str, create: bool = False) -> dict[str, Any] | None:
+        # Our own copy of a (nested) section, to edit; None when it is not a mapping (validation reports that).
+        holder = raw
+        for depth, name in enumerate(names):
+            value = holder.get(name)
+            if value is None and create:
+                value = {}
+            if not isinstance(value, dict):
+                return None
+            if names[: depth + 1] not in copied:
+                value = holder[name] = dict(value)
+                copied.add(names[: depth + 1])
+            holder = value
+        return holder
 
-    for written, ours in _RENAMES.items():
+    renames = [(written, ours, "the TrainingArguments name", "the TrainingArguments name for")
+               for written, ours in _RENAMES.items()]
+    renames += [(written, ours, f"its name before schema version {version}", f"the name before schema version {version} of")
+                for written, (ours, version) in _OLD_NAMES.items()]
+    for written, ours, why, conflict in renames:
         *parent, key = written.split(".")
-        holder = section(parent[0]) if parent else raw
+        holder = section(*parent)
         if holder is None or key not in holder:
             continue
-        target_name, target_key = ours.split(".")
-        target = section(target_name, create=True)
+        *target_names, target_key = ours.split(".")
+        target = section(*target_names, create=True)
         if target is None:
             continue
         value = holder.pop(key)
         if target.get(target_key) not in (None, value):
             problems.append(f"{source}: '{written}' ({value!r}) and '{ours}' ({target[target_key]!r}) are both set; "
-                            f"'{written}' is the TrainingArguments name for '{ours}'; keep one")
+                            f"'{written}' is {conflict} '{ours}'; keep one")
             continue
         target[target_key] = value
-        notes.append(f"{source}: read '{written}' as '{ours}' (the TrainingArguments name)")
+        notes.append(f"{source}: read '{written}' as '{ours}' ({why})")
 
     train = section("train")
     if train is not None:
@@ -861,7 +907,8 @@ def config_reference() -> str:
         "Do not edit by hand. Unknown keys are errors that name the closest valid key (or, for a Hugging Face",
         "name, its equivalent). Names with an exact equivalent are read as these keys, with a note: `output_dir`,",
         "`train.bf16`/`train.fp16`, `train.load_best_model_at_end: true`, and the pipeline task names "
-        f"({', '.join(f'`{tag}`' for tag in _pipeline_names())}).",
+        f"({', '.join(f'`{tag}`' for tag in _pipeline_names())}); so are the earlier names of renamed keys "
+        f"({', '.join(f'`{old}` (now `{new}`)' for old, (new, _) in _OLD_NAMES.items())}).",
         "",
     ]
     sections: list[tuple[str, type[BaseModel]]] = [
@@ -870,13 +917,16 @@ def config_reference() -> str:
         *((f"task (name: {m.model_fields['name'].default})", m) for m in get_args(get_args(TaskConfig)[0])),
         ("method", MethodConfig),
         ("train", TrainConfig),
+        ("train.cpu", CpuConfig),
         ("output", OutputConfig),
     ]
     for title, model in sections:
         lines += [f"## `{title}`", "", (model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             kind = _type_name(field.annotation) + _constraints(field.metadata)
-            cells = [f"`{name}`", f"`{kind}`", f"`{field.default!r}`", field.description or ""]
+            nested = isinstance(field.default, Section)  # a sub-section: its keys have their own table
+            cells = [f"`{name}`", "section" if nested else f"`{kind}`", "see below" if nested else f"`{field.default!r}`",
+                     field.description or ""]
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from tunesmith.config.schema import TrainConfig
-from tunesmith.speed.cpu_fastpath import attention_kernel
+from tunesmith.speed.cpu import attention_kernel, math_attention_max_length
 from tunesmith.data.batching import padding_share
 from tunesmith.speed.embedding_rows import decay_unseen_rows
 from tunesmith.distributed import strategies as distributed
@@ -288,7 +288,7 @@ def train_loop(
     sharded = distributed.sharding(model, accelerator) == "fsdp2"
     deepspeed = distributed.deepspeed_requested(accelerator)
     # Compiled graphs keep torch's kernel choice (a context switching kernels per batch would recompile).
-    math_attention_max = 0 if train_cfg.torch_compile else train_cfg.cpu_math_attention_max_length
+    math_attention_max = math_attention_max_length(train_cfg)
     if sharded:  # already sharded in place (FSDP2): accelerate must not wrap it in DDP as well
         optimizer, train_loader, scheduler = accelerator.prepare(optimizer, train_loader, scheduler)
     else:

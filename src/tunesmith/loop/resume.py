@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from tunesmith.loop.checkpoint import Checkpoint, latest_checkpoint
-from tunesmith.config.schema import RunConfig, coerce_config, parse_config, read_yaml
+from tunesmith.config.schema import RunConfig, coerce_config, parse_config, read_yaml, renamed_key
 from tunesmith.errors import ConfigError, DataError
 
 log = logging.getLogger("tunesmith")
@@ -57,10 +57,12 @@ def fingerprint(cfg: RunConfig, tables: dict) -> dict:
 
 def _changed_keys(saved: dict, current: dict) -> list[str]:
     """Config keys that differ from the checkpoint's. A key added to the schema after the checkpoint was
-    written is no change while it keeps its default (the run used what the default does)."""
+    written is no change while it keeps its default (the run used what the default does); a key renamed
+    since is compared under its new name."""
     old, new = saved.get("config"), current["config"]
     if not old:
         return ["(the checkpoint records no config)"]
+    old = {renamed_key(k): v for k, v in old.items()}
     defaults = _comparable(RunConfig())
     return sorted(k for k in set(old) | set(new)
                   if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k]))
@@ -70,7 +72,7 @@ def check_fingerprint(checkpoint: Checkpoint, current: dict) -> None:
     saved = checkpoint.state
     changed = _changed_keys(saved, current) if saved.get("config_sha256") != current["config_sha256"] else []
     if changed:
-        old, new = saved.get("config", {}), current["config"]
+        old, new = {renamed_key(k): v for k, v in saved.get("config", {}).items()}, current["config"]
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
         raise ConfigError(
             f"--resume: the config differs from the run's ({detail}); an exact resume needs the same settings. "

@@ -14,14 +14,15 @@ has the end-to-end numbers):
    not fit the exact-size hole a freed block of the same size leaves while small objects sit above
    it, so the heap first grows by a few such blocks before they coalesce and are reused (an
    isolated loop over one 64 MiB tensor settles after ~8 blocks); peak RSS of a whole training run
-   is in `benchmarks/speed.py`'s table. Memory freed at the end of a run stays with the process
-   (and is reused by the next run in it) until it exits. This is what jemalloc/tcmalloc via
+   is in `benchmarks/speed.py`'s table. This is what jemalloc/tcmalloc via
    `LD_PRELOAD` give (Intel's CPU tuning guides recommend them), without a preload. Trimming is
    off entirely (`M_TRIM_THRESHOLD` -1): with the largest threshold mallopt takes otherwise
    (2^31 - 1) glibc still gave the heap back whenever more than 2 GB lay free at its top, which
    long sequences reach — MiniLM at batch 32 x 256 tokens took 180,000-370,000 page faults per
    training step that way (1.48-1.75 s per step) and none with trimming off (1.48 s).
-   `train.reuse_freed_memory: false` leaves glibc's defaults; no-op on other C libraries.
+   The setting lasts for the run: `restore_allocator` (called when the run's speed options are restored,
+   and however the run ends) sets glibc's defaults back. `train.cpu.reuse_freed_memory: false` leaves glibc's
+   defaults alone; no-op on other C libraries.
 
 2. **Dropout masks.** torch's CPU dropout draws one Bernoulli per element from its generator
    serially (~5.5 ns per element; `bernoulli_` was 20% of a MiniLM training step, more than all
@@ -41,7 +42,7 @@ has the end-to-end numbers):
    with attention dropout 0, bf16, one training step, math time / flash time per sample = 0.87 at
    32 tokens, 0.69-0.74 at 64, 0.67 at 128, 1.14-1.18 at 256, 1.62 at 512 (batch 32 and 8, one
    2-core Xeon). `attention_kernel` selects the math kernel for training batches up to
-   `train.cpu_math_attention_max_length` (128) tokens per sequence; longer batches and
+   `train.cpu.math_attention_max_length` (128) tokens per sequence; longer batches and
    evaluation (where flash was faster at every length: 1.30x at 32 tokens, 3.2x at 512) keep
    torch's choice. With attention dropout SDPA already runs the math kernel on CPU.
 
@@ -52,11 +53,12 @@ has the end-to-end numbers):
    `_MaskedSoftmaxAttention` — the matmuls in the inputs' dtype (bf16 under autocast, as in
    transformers' eager attention under autocast) with the scalings inside them, the softmax and its
    backward in fp32, a `keep_mask` dropout, and a hand-written backward that casts each tensor once.
-   `train.cpu_attention_upcast` up-casts q, k and v first (SDPA's fp32 maths). `use_fast_attention`
+   `train.cpu.attention_upcast` up-casts q, k and v first (SDPA's fp32 maths). `use_fast_attention`
    switches a model that uses transformers' attention interface from `sdpa` to it for the run
-   (`restore_attention` switches back); every other case — no dropout, evaluation, GPUs,
-   soft-capping, sliding windows, attention sinks, position biases, learned masks — is handed to
-   transformers' own SDPA function unchanged. Query rows whose keys are all masked (padding rows) get
+   (`restore_attention` switches back). It computes only what it knows (`_implemented`, an allow-list
+   of keyword arguments, their values and mask kinds); every other case — no dropout, evaluation,
+   GPUs, soft-capping, sliding windows, attention sinks, position biases, learned masks, any keyword
+   argument it does not know — is handed to transformers' own SDPA function unchanged. Query rows whose keys are all masked (padding rows) get
    uniform weights instead of SDPA's zeros: no real token reads them, so losses and gradients are
    unchanged. Measured on one MiniLM attention call (bf16, [32, 12, 35, 32], forward and backward,
    Zen 5 EPYC): 5.2-6.0 ms with SDPA-style fp32 maths, 2.9-3.0 ms now; bf16 scores add ~1.5e-3 to
@@ -79,22 +81,37 @@ from torch import nn
 
 from tunesmith.methods.apply import transformers_model
 
-# glibc mallopt parameters (malloc.h)
+# glibc mallopt parameters (malloc.h): what `keep_freed_memory` sets, and glibc's defaults for them (malloc.c's
+# DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD; mallopt(3)), which `restore_allocator` sets back.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_allocator_configured: bool | None = None
+# M_MMAP_MAX=0: large blocks come from the heap too; M_TRIM_THRESHOLD=-1 ("disables trimming completely",
+# mallopt(3)) keeps freed heap pages mapped however many there are.
+_KEEP_FREED = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+_GLIBC_DEFAULTS = ((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024))
+_allocator_set = False  # whether `keep_freed_memory` changed glibc's settings and nothing has set them back since
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc reuse freed large blocks instead of unmapping them (once per process).
+    """Make glibc reuse freed large blocks instead of unmapping them, process-wide, until `restore_allocator`.
 
-    Returns whether the setting is active. Safe to call repeatedly; later calls return the first answer."""
-    global _allocator_configured
-    if _allocator_configured is None:
-        _allocator_configured = _set_mallopt()
-    return _allocator_configured
+    Returns whether the setting is active (False where the C library is not glibc). Safe to call repeatedly."""
+    global _allocator_set
+    _allocator_set = _mallopt(_KEEP_FREED) or _allocator_set
+    return _allocator_set
 
 
-def _set_mallopt() -> bool:
+def restore_allocator() -> bool:
+    """Set glibc's defaults back for every parameter `keep_freed_memory` set; returns whether it did (False when
+    nothing was set). glibc has no getter, so the values are its documented defaults; its dynamic mmap threshold,
+    which any mallopt call turns off for good, stays off (the threshold keeps the value it had reached)."""
+    global _allocator_set
+    if not _allocator_set:
+        return False
+    _allocator_set = False
+    return _mallopt(_GLIBC_DEFAULTS)
+
+
+def _mallopt(settings: tuple[tuple[int, int], ...]) -> bool:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
@@ -102,9 +119,7 @@ def _set_mallopt() -> bool:
     except (OSError, AttributeError):  # musl, macOS, Windows: no glibc mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # M_MMAP_MAX=0: large blocks come from the heap too; M_TRIM_THRESHOLD=-1 ("disables trimming completely",
-    # mallopt(3)) keeps freed heap pages mapped however many there are.
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
+    return all([bool(mallopt(parameter, value)) for parameter, value in settings])
 
 
 # --------------------------------------------------------------------------- dropout
@@ -209,12 +224,27 @@ def attention_kernel(inputs: dict, device_type: str, max_length: int):
 # --------------------------------------------------------------------------- attention dropout
 
 ATTENTION_IMPLEMENTATION = "tunesmith_cpu_sdpa"
-# The same function with q, k and v up-cast to fp32 (`train.cpu_attention_upcast`).
+# The same function with q, k and v up-cast to fp32 (`train.cpu.attention_upcast`).
 ATTENTION_IMPLEMENTATION_FP32 = "tunesmith_cpu_sdpa_fp32"
 FAST_ATTENTION_IMPLEMENTATIONS = (ATTENTION_IMPLEMENTATION, ATTENTION_IMPLEMENTATION_FP32)
-# Options whose maths SDPA-style attention functions implement beyond plain masked softmax attention;
-# any of them sends the call to transformers' own function.
-_SPECIAL_ATTENTION_OPTIONS = ("softcap", "sliding_window", "s_aux", "position_bias", "output_attentions")
+# The keyword arguments `attention_forward` implements (beyond module, q, k, v, mask, dropout, scaling, is_causal), each
+# with the test of the values it implements; a call with any other argument or value is transformers' SDPA
+# function's. Taken as they are: what models pass that does not change masked softmax attention (positions and
+# the cache are already in q, k, v and the mask; `deterministic` is a flash kernel's). Only off: softcapping,
+# a sliding window, attention sinks, position biases, returned weights.
+_ANY = lambda value: True  # noqa: E731
+_OFF = lambda value: value is None or (isinstance(value, (bool, int, float)) and not value)  # noqa: E731
+_IMPLEMENTED_KWARGS = {
+    "position_ids": _ANY,
+    "use_cache": _ANY,
+    "encoder_hidden_states": _ANY,
+    "deterministic": _ANY,
+    "softcap": _OFF,
+    "sliding_window": _OFF,
+    "s_aux": _OFF,
+    "position_bias": _OFF,
+    "output_attentions": _OFF,
+}
 # Config fields of attention-probability dropout across model families.
 _ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", "attn_dropout")
 
@@ -232,9 +262,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         output, weights = attention_forward(module, query[:, :, :1], key, value, attention_mask, dropout, scaling,
                                             is_causal=False, upcast=upcast, **kwargs)
         return output.expand(output.shape[0], query.shape[2], *output.shape[2:]), weights
-    # A mask that requires grad is a learned bias (its gradient would be lost here).
-    special = any(kwargs.get(option) for option in _SPECIAL_ATTENTION_OPTIONS) or getattr(attention_mask, "requires_grad", False)
-    if dropout <= 0.0 or dropout >= 1.0 or not module.training or query.device.type != "cpu" or special:
+    if dropout <= 0.0 or dropout >= 1.0 or not module.training or query.device.type != "cpu" or not _implemented(
+            module, query, key, value, attention_mask, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -323,6 +352,35 @@ def _dropped(values: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> to
     if values.dtype == dtype:
         return values * keep
     return values.to(dtype).mul_(keep)
+
+
+def _implemented(module, query, key, value, attention_mask, kwargs: dict) -> bool:
+    """Whether `_MaskedSoftmaxAttention` computes this call (an allow-list: anything else is SDPA's).
+
+    Its keyword arguments are in `_IMPLEMENTED_KWARGS` with values it implements; q, k and v are 4-d floating
+    tensors of one batch, k and v with the query's heads or `num_key_value_groups` times fewer; the mask is
+    none, or a boolean or additive float mask of 4 dimensions that broadcasts to the scores and is not learned
+    (a mask that requires grad is a bias whose gradient would be lost here)."""
+    if any(name not in _IMPLEMENTED_KWARGS or not _IMPLEMENTED_KWARGS[name](setting) for name, setting in kwargs.items()):
+        return False
+    if any(not torch.is_tensor(t) or t.dim() != 4 or not t.is_floating_point() for t in (query, key, value)):
+        return False
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[0] != key.shape[0] or key.shape[1] * groups != query.shape[1] or query.shape[-1] != key.shape[-1]:
+        return False
+    if value.shape[:3] != key.shape[:3]:
+        return False
+    if attention_mask is None:
+        return True
+    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 4 or attention_mask.requires_grad:
+        return False
+    if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
+        return False
+    scores = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    try:
+        return torch.broadcast_shapes(attention_mask.shape, scores) == scores
+    except RuntimeError:
+        return False
 
 
 def _one_query_row(module, query: torch.Tensor, attention_mask, is_causal) -> bool:

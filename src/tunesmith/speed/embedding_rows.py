@@ -76,7 +76,7 @@ class SeenRowsEmbedding(nn.Module):
             unseen = sorted(set(input_ids[positions < 0].tolist()))[:5]
             raise TunesmithError(
                 f"a training batch holds token ids that are not in the training data ({unseen}); the embedding was "
-                "set up to train only the rows of the data's tokens. Set train.skip_unseen_embedding_rows=false"
+                "set up to train only the rows of the data's tokens. Set train.cpu.skip_unseen_embedding_rows=false"
             )
         return F.embedding(positions, self.trained, self.trained_padding, scale_grad_by_freq=self.scale_grad_by_freq)
 
@@ -133,7 +133,7 @@ def train_seen_rows_only(model: nn.Module, token_ids: Iterable, extra_ids: Itera
         return None
     embedding.weight.data = torch.empty(0, dtype=embedding.weight.dtype)
     log.info("input embedding: training the %d of %d rows whose tokens occur in the training data; the other rows "
-             "only get AdamW's weight decay, applied directly (train.skip_unseen_embedding_rows)", len(seen), rows)
+             "only get AdamW's weight decay, applied directly (train.cpu.skip_unseen_embedding_rows)", len(seen), rows)
     return {"trained_rows": int(len(seen)), "rows": int(rows)}
 
 

@@ -71,7 +71,7 @@ ACT_PER_SCORE_FAST_PATH = 1.0
 # its gradients, and the recomputation's transients (fitted to MiniLM at 32 x 256).
 CHECKPOINTED_LAYERS = 3
 LORA_PER_INPUT = 1.25  # LoRA dropout: the dropped input and its mask, per adapted layer's input feature
-# With `train.reuse_freed_memory` glibc serves every block from its heap and never trims it: no page faults,
+# With `train.cpu.reuse_freed_memory` glibc serves every block from its heap and never trims it: no page faults,
 # but freed activations leave holes the next step's differently sized blocks do not always fit, so the
 # heap outgrows the live tensors (most at long sequences: +1.3 GiB of peak RSS for MiniLM at 8 x 512 in
 # fp32, none at 32 x 32). Activations and workspace are counted this much larger on CPU then.
@@ -182,7 +182,7 @@ def estimate_training_memory(
     heap_reuse: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of training `model` (method applied) on batches of `batch_size` x `seq_len` tokens.
-    `heap_reuse`: `train.reuse_freed_memory` is on (see HEAP_FRAGMENTATION)."""
+    `heap_reuse`: `train.cpu.reuse_freed_memory` is on (see HEAP_FRAGMENTATION)."""
     seen, total, trainable = set(), 0, 0
     weight_bytes = 0
     for p in model.parameters():
@@ -297,7 +297,7 @@ def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device:
         found = estimate_training_memory(
             model, batch_size=batch, seq_len=seq_len, precision=precision, gradient_checkpointing=checkpointing,
             eval_batch_size=cfg.train.per_device_eval_batch_size, device=device,
-            heap_reuse=bool(getattr(cfg.train, "reuse_freed_memory", False)),
+            heap_reuse=bool(cfg.train.cpu.effective("reuse_freed_memory")),
         )
         return dataclasses.replace(found, weights=split(found.weights, 3), gradients=split(found.gradients, 2),
                                    optimizer=split(found.optimizer, 1), autocast=split(found.autocast, 3))

@@ -1,8 +1,9 @@
-"""Speed options: CPU threads, activation (gradient) checkpointing and `torch.compile`.
+"""Speed options: CPU threads, the CPU speed tricks, activation (gradient) checkpointing and `torch.compile`.
 
 `train` calls `configure_threads` before anything measures speed (the precision check times
-matmuls), and `apply_speed_options` once the method is applied, before the loop. Both return what
-they did; `train` records it in `provenance.json` under `speed`.
+matmuls), and `apply_speed_options` once the method is applied, before the loop: the CPU speed tricks
+(`speed.cpu.apply`, `train.cpu`), then checkpointing and compiling. Both return what they did; `train`
+records it in `provenance.json` under `speed`. `restore_speed_options` undoes it (`speed.cpu.restore`).
 
 Threads (`train.num_threads`):
   - an int: exactly that many intra-op threads;
@@ -27,6 +28,7 @@ backward compile once, evaluation (no grad) once more.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -34,11 +36,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from tunesmith.speed.cpu_fastpath import keep_freed_memory, restore_attention, restore_dropout, use_fast_attention, use_fast_dropout
-from tunesmith.speed.embedding_rows import restore_embedding
+from tunesmith.distributed.strategies import requested_strategy
 from tunesmith.errors import ConfigError
-from tunesmith.speed.first_token import keep_first_token_only, restore_all_tokens
 from tunesmith.methods.apply import transformers_model
+from tunesmith.speed import cpu
 
 log = logging.getLogger("tunesmith")
 
@@ -172,23 +173,24 @@ def check_compile_available(device_type: str) -> None:
 
 
 def apply_speed_options(
-    model: nn.Module, train_cfg, method: str, threads: ThreadChoice | None = None, sequence_head: bool = False
+    model: nn.Module, train_cfg, method: str, threads: ThreadChoice | None = None, sequence_head: bool = False, *,
+    device_type: str = "cpu", train_data=None, pad_token_id: int | None = None, cleanup: contextlib.ExitStack | None = None,
 ) -> tuple[nn.Module, dict]:
-    """The CPU fast path, the first-token shortcut, gradient checkpointing, then `torch.compile`, as
-    configured. Returns the model and a record for provenance.
+    """The CPU speed tricks (`speed.cpu.apply`), gradient checkpointing, then `torch.compile`, as configured.
+    Returns the model and a record for provenance.
 
     `sequence_head`: the task's loss reads only the model's sequence-level head (classification), so
-    the last layer may compute only the token that head reads (`first_token`)."""
+    the last layer may compute only the token that head reads (`first_token`). `device_type`, `train_data`,
+    `pad_token_id`: where training runs and on which tokens (the embedding rows that train). `cleanup`: the
+    run's exit stack, on which the process-wide allocator setting is undone however the run ends."""
     record: dict = {"threads": threads.as_dict() if threads else None, "gradient_checkpointing": False, "torch_compile": False}
-    record["reuse_freed_memory"] = keep_freed_memory() if train_cfg.reuse_freed_memory else False
+    sharded = bool(train_cfg.fsdp) or requested_strategy() == "deepspeed"
     # Swapped for the run; `api` undoes them when training ends (`restore_speed_options`).
-    # Not under torch.compile: inductor generates its own fused dropout (and would trace ours op by op).
-    fast = train_cfg.fast_dropout and not train_cfg.torch_compile
-    record["fast_dropout"] = use_fast_dropout(model) if fast else 0
-    record["fast_attention_dropout"] = use_fast_attention(model, upcast=train_cfg.cpu_attention_upcast) if fast else False
-    # With the frozen feature cache the encoder runs once, storing every position's output.
-    cached = method == "frozen" and train_cfg.cache_frozen_features
-    record["first_token_only"] = keep_first_token_only(model) if train_cfg.first_token_only and sequence_head and not cached else False
+    applied = cpu.apply(model, train_cfg, method=method, sequence_head=sequence_head, device_type=device_type,
+                        train_data=train_data, pad_token_id=pad_token_id, sharded=sharded)
+    if cleanup is not None:
+        cleanup.callback(cpu.restore)  # the allocator's defaults back even when the run fails
+    record.update(applied.record)
     # `frozen` keeps the encoder in eval mode without gradients: no activations are kept for backward,
     # and with the feature cache the encoder does not even run during training.
     if train_cfg.gradient_checkpointing:
@@ -209,9 +211,6 @@ def apply_speed_options(
 
 
 def restore_speed_options(model: nn.Module) -> None:
-    """Undo the class, attention and embedding swaps of `apply_speed_options` and `api` (the saved and
-    returned model is plain)."""
-    restore_embedding(model)
-    restore_dropout(model)
-    restore_attention(model)
-    restore_all_tokens(model)
+    """Undo the CPU speed tricks of `apply_speed_options` on `model` (the saved and returned model is plain)
+    and the process-wide allocator setting (`speed.cpu.restore`)."""
+    cpu.restore(model)
