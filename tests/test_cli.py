@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 import tunesmith
 from tiny import sentiment_rows, tiny_config, write_csv
 from tunesmith.cli import app
-from tunesmith.config.schema import config_reference, load_config
+from tunesmith.config import config_reference, load_config
 
 
 def run_cli(*args: str, cwd: Path, **env) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tunesmith.config.schema import RunConfig
+from tunesmith.config import RunConfig
 from tunesmith.data.loaders import DELIMITERS, Table, _decode, read_delimited_text
 from tunesmith.errors import DataError, summarise
 

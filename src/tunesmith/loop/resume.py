@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from tunesmith.loop.checkpoint import Checkpoint, latest_checkpoint
-from tunesmith.config.schema import RunConfig, coerce_config, parse_config, read_yaml
+from tunesmith.config import RunConfig, coerce_config, parse_config, read_yaml
 from tunesmith.errors import ConfigError, DataError
 
 log = logging.getLogger("tunesmith")

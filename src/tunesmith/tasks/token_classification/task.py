@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DataCollatorForTokenClassification
 
-from tunesmith.config.schema import TokenClassificationTaskConfig
+from tunesmith.tasks.token_classification.config import TokenClassificationTaskConfig
 from tunesmith.data.loaders import CONLL_SUFFIXES, Table, read_conll, read_file
 from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import ConfigError, DataError, shown, summarise as _summarise
