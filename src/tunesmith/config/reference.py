@@ -19,7 +19,8 @@ def config_reference() -> str:
     lines = [
         "# Config reference",
         "",
-        f"Generated from `tunesmith.config.schema` and the registered task families (schema version {SCHEMA_VERSION}) by `tunesmith config reference`.",
+        f"Generated from `tunesmith.config.schema` and the registered task families (schema version {SCHEMA_VERSION})",
+        "by `tunesmith config reference`.",
         "Do not edit by hand. Unknown keys are errors that name the closest valid key (or, for a Hugging Face",
         "name, its equivalent). Names with an exact equivalent are read as these keys, with a note: `output_dir`,",
         "`train.bf16`/`train.fp16`, `train.load_best_model_at_end: true`, and the pipeline task names "

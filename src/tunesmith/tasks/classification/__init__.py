@@ -3,4 +3,6 @@
 from tunesmith.tasks.classification.config import ClassificationTaskConfig
 from tunesmith.tasks.registry import Family
 
-FAMILY = Family(name="classification", config=ClassificationTaskConfig, task="tunesmith.tasks.classification.task:ClassificationTask")
+FAMILY = Family(
+    name="classification", config=ClassificationTaskConfig, task="tunesmith.tasks.classification.task:ClassificationTask"
+)

@@ -1,4 +1,5 @@
-"""The `task` section of the classification family (`task: {name: classification, ...}`), registered in tunesmith.tasks."""
+"""The `task` section of the classification family (`task: {name: classification, ...}`),
+registered in tunesmith.tasks."""
 
 from __future__ import annotations
 

@@ -3,4 +3,6 @@
 from tunesmith.tasks.question_answering.config import QuestionAnsweringTaskConfig
 from tunesmith.tasks.registry import Family
 
-FAMILY = Family(name="question_answering", config=QuestionAnsweringTaskConfig, task="tunesmith.tasks.question_answering.task:QuestionAnsweringTask")
+FAMILY = Family(
+    name="question_answering", config=QuestionAnsweringTaskConfig, task="tunesmith.tasks.question_answering.task:QuestionAnsweringTask"
+)

@@ -1,4 +1,5 @@
-"""The `task` section of the question answering family (`task: {name: question_answering, ...}`), registered in tunesmith.tasks."""
+"""The `task` section of the question answering family (`task: {name: question_answering, ...}`),
+registered in tunesmith.tasks."""
 
 from __future__ import annotations
 

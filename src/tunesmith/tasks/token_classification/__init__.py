@@ -3,4 +3,6 @@
 from tunesmith.tasks.token_classification.config import TokenClassificationTaskConfig
 from tunesmith.tasks.registry import Family
 
-FAMILY = Family(name="token_classification", config=TokenClassificationTaskConfig, task="tunesmith.tasks.token_classification.task:TokenClassificationTask")
+FAMILY = Family(
+    name="token_classification", config=TokenClassificationTaskConfig, task="tunesmith.tasks.token_classification.task:TokenClassificationTask"
+)

@@ -1,4 +1,5 @@
-"""The `task` section of the token classification family (`task: {name: token_classification, ...}`), registered in tunesmith.tasks."""
+"""The `task` section of the token classification family (`task: {name: token_classification, ...}`),
+registered in tunesmith.tasks."""
 
 from __future__ import annotations
 
