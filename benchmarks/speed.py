@@ -170,7 +170,7 @@ def sequence_scaling(precision: str, lengths: tuple[int, ...] = (64, 128, 256, 5
     from transformers import AutoModelForSequenceClassification
 
     from tunesmith.assets import bundled_model_path
-    from tunesmith.config.schema import TrainConfig
+    from tunesmith.config import TrainConfig
     from tunesmith.speed.cpu import attention_kernel, math_attention_max_length
     from tunesmith.speed.embedding_rows import decay_unseen_rows, train_seen_rows_only
     from tunesmith.speed.performance import apply_speed_options

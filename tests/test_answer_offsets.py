@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.config.schema import parse_config
+from tunesmith.config import parse_config
 from tunesmith.data.splits import make_splits
 from tunesmith.errors import DataError
 from tunesmith.data.inputs import read_inputs

@@ -111,7 +111,7 @@ def test_sentence_pairs(pretrained_tiny_bert, tmp_path):
 
 
 def test_class_weights_balanced_changes_loss(pretrained_tiny_bert, tmp_path):
-    from tunesmith.config.schema import ClassificationTaskConfig
+    from tunesmith.tasks.classification.config import ClassificationTaskConfig
     from tunesmith.tasks.classification.task import ClassificationState, ClassificationTask
     import datasets
 

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 import tunesmith
 from tiny import sentiment_rows, tiny_config, write_csv
 from tunesmith.cli import app
-from tunesmith.config.schema import config_reference, load_config
+from tunesmith.config import config_reference, load_config
 
 
 def run_cli(*args: str, cwd: Path, **env) -> subprocess.CompletedProcess:
@@ -210,7 +210,8 @@ def test_train_with_a_broken_config_exits_2(tmp_path):
     (tmp_path / "cfg.yaml").write_text("method: lorra\n", encoding="utf-8")
     result = invoke("train", str(tmp_path / "cfg.yaml"))
     assert result.exit_code == 2
-    assert "method.name: Input should be 'full', 'last_n', 'frozen', 'lora', 'dora' or 'ia3' (found 'lorra')" in result.output
+    assert ("method.name: expected 'full', 'last_n', 'frozen', 'lora', 'dora', 'ia3', found 'lorra'; did you mean 'lora'?"
+            in result.output)
 
 
 def test_help_lists_commands():

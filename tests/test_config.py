@@ -9,15 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunesmith.config.schema import (
-    RunConfig,
-    apply_overrides,
-    coerce_config,
-    config_reference,
-    dump_config,
-    load_config,
-    parse_config,
-)
+from tunesmith.config import RunConfig, apply_overrides, coerce_config, config_reference, dump_config, load_config, parse_config
 from tunesmith.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +43,10 @@ def test_typo_names_key_and_closest_valid_key(tmp_path):
     [
         ({"trian": {}}, "unknown key 'trian'; did you mean 'train'?"),
         ({"task": {"text_colum": "x"}}, "unknown key 'task.text_colum'; did you mean 'task.text_column'?"),
-        ({"task": "classification", "method": {"lora_rr": 4}}, "unknown key 'method.lora_rr'; did you mean 'method.lora_r'?"),
+        ({"task": "classification", "method": {"name": "lora", "lora_rr": 4}},
+         "unknown key 'method.lora_rr'; did you mean 'method.lora_r'?"),
+        ({"method": {"lora_rr": 4}}, "unknown key 'method.lora_rr'; did you mean 'method.lora_r'? (a key of method lora, dora; "
+                                     "set method.name to one of them)"),
         ({"data": {"train_path": "x.csv"}}, "unknown key 'data.train_path'; did you mean 'data.train_file'?"),
     ],
 )
@@ -85,14 +80,16 @@ def test_typo_in_an_override_is_reported_the_same_way():
             {"task": {"max_length": "long"}},
             "task.max_length: Input should be a valid integer, unable to parse string as an integer (found 'long')",
         ),
-        ({"method": {"lora_r": 0}}, "method.lora_r: Input should be greater than 0 (found 0)"),
+        ({"method": {"name": "lora", "lora_r": 0}}, "method.lora_r: Input should be greater than 0 (found 0)"),
         (
             {"output": {"overwrite": "maybe"}},
             "output.overwrite: Input should be a valid boolean, unable to interpret input (found 'maybe')",
         ),
         ({"train": {"precision": "int8"}}, "train.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16' (found 'int8')"),
-        ({"method": "lorra"}, "method.name: Input should be 'full', 'last_n', 'frozen', 'lora', 'dora' or 'ia3' (found 'lorra')"),
-        ({"task": {"name": "classificaton"}}, "task.name: expected 'classification', 'token_classification', 'question_answering', found 'classificaton'"),
+        ({"method": "lorra"},
+         "method.name: expected 'full', 'last_n', 'frozen', 'lora', 'dora', 'ia3', found 'lorra'; did you mean 'lora'?"),
+        ({"task": {"name": "classificaton"}}, "task.name: expected 'classification', 'token_classification', "
+         "'question_answering', found 'classificaton'; did you mean 'classification'?"),
         # A union type: one message at the key's own path, not one per pydantic branch.
         (
             {"task": {"class_weights": "balance"}},
@@ -133,8 +130,8 @@ def test_method_and_task_shorthands(tmp_path):
     cfg = load_config(write(tmp_path, "task: classification\nmethod: frozen\n"))
     assert cfg.method.name == "frozen" and cfg.task.name == "classification"
     # A section without `name` gets the default name.
-    cfg = parse_config({"method": {"lora_r": 4}, "task": {"max_length": 32}})
-    assert (cfg.method.name, cfg.method.lora_r, cfg.task.max_length) == ("full", 4, 32)
+    cfg = parse_config({"method": {}, "task": {"max_length": 32}})
+    assert (cfg.method.name, cfg.task.max_length) == ("full", 32)
     # Overrides reach into a shorthand section.
     cfg = load_config(write(tmp_path, "method: lora\n"), ["method.lora_r=4"])
     assert (cfg.method.name, cfg.method.lora_r) == ("lora", 4)
@@ -305,18 +302,13 @@ def test_docs_config_md_is_the_generated_reference():
 
 
 def test_reference_documents_every_key():
-    from tunesmith.config import schema as config
+    from tunesmith import config
+    from tunesmith.tasks import families
 
     reference = config_reference()
-    sections = [
-        config.ModelConfig,
-        config.DataConfig,
-        config.ClassificationTaskConfig,
-        config.MethodConfig,
-        config.TrainConfig,
-        config.OutputConfig,
-    ]
-    assert len(sections) == len(RunConfig.model_fields)
+    sections = [config.ModelConfig, config.DataConfig, config.TrainConfig, config.OutputConfig]
+    assert len(sections) + 2 == len(RunConfig.model_fields)  # + task and method, one table per member
+    sections += [family.config for family in families().values()] + list(config.METHODS)
     for model in sections:
         assert (model.__doc__ or "").strip().splitlines()[0] in reference
         for name in model.model_fields:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tunesmith.config import schema as config_module
+from tunesmith.config import loading as config_module
 from tunesmith.cli import app
-from tunesmith.config.schema import RunConfig, TrainConfig, load_config, parse_config
+from tunesmith.config import RunConfig, TrainConfig, load_config, parse_config
 from tunesmith.errors import ConfigError
 
 SECTIONS = "model, data, task, method, train, output"
@@ -341,13 +341,15 @@ def test_pipeline_task_names(tmp_path, pipeline, name):
 
 
 def test_pipeline_names_live_on_the_task_classes():
-    members = config_module._section_members(config_module.TaskConfig)
-    assert {m.pipeline_tag for m in members} == {"text-classification", "token-classification", "question-answering"}
-    assert "pipeline_tag" not in config_module.ClassificationTaskConfig.model_fields  # not a config key
+    from tunesmith.config import task_configs
+    from tunesmith.tasks.classification.config import ClassificationTaskConfig
+
+    assert {m.pipeline_tag for m in task_configs()} == {"text-classification", "token-classification", "question-answering"}
+    assert "pipeline_tag" not in ClassificationTaskConfig.model_fields  # not a config key
 
 
 def test_notes_are_logged(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="tunesmith.config.schema"):
+    with caplog.at_level(logging.INFO, logger="tunesmith.config.loading"):
         load_config(write(tmp_path, "train:\n  bf16: true\n"))
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'cfg.yaml'}: read 'train.bf16: true' as 'train.precision: bf16' (the TrainingArguments name)"

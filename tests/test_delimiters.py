@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.config.schema import ClassificationTaskConfig, parse_config
+from tunesmith.config import parse_config
+from tunesmith.tasks.classification.config import ClassificationTaskConfig
 from tunesmith.data.loaders import detect_delimiter, read_file
 from tunesmith.errors import DataError
 from tunesmith.data.inputs import read_inputs
@@ -42,7 +43,7 @@ def test_header_delimiter_wins_over_the_suffix(name, sep, note, tmp_path):
     table = read_file(path)
     assert table.frame.to_dict("list") == {"text": [t for t, _ in ROWS], "label": [lab for _, lab in ROWS]}
     assert table.notes == [f"{path}: {note}"]
-    from tunesmith.config.schema import DataConfig
+    from tunesmith.config import DataConfig
     from tunesmith.data.splits import make_splits
 
     _, notes = make_splits(DataConfig(train_file=str(path)), 0)

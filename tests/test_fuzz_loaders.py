@@ -32,7 +32,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tunesmith.config.schema import ClassificationTaskConfig, TokenClassificationTaskConfig
+from tunesmith.tasks.classification.config import ClassificationTaskConfig
+from tunesmith.tasks.token_classification.config import TokenClassificationTaskConfig
 from tunesmith.data.loaders import Table, read_file
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.tasks import get_task
@@ -577,7 +578,7 @@ def test_any_data_path(name):
 
 try:
     from tunesmith.tasks.question_answering.squad import read_questions, read_squad
-    from tunesmith.config.schema import QuestionAnsweringTaskConfig
+    from tunesmith.tasks.question_answering.config import QuestionAnsweringTaskConfig
 except ImportError:  # the QA task is being written; these tests run once it exists
     read_squad = read_questions = None
 needs_squad = pytest.mark.skipif(read_squad is None, reason="tunesmith.tasks.question_answering.squad (QA task) not written yet")

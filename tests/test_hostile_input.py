@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import tunesmith
-from tunesmith.config.schema import RunConfig
+from tunesmith.config import RunConfig
 from tunesmith.errors import ConfigError
 from tiny import tiny_config
 
@@ -143,7 +143,7 @@ def test_overwrite_leaves_a_folder_that_is_not_a_run_alone(tiny_bert, sentiment_
 
 @pytest.mark.parametrize("where", ["cwd", "parent_of_cwd", "home", "root"])
 def test_overwrite_never_empties_cwd_home_or_root(where, tmp_path, monkeypatch, sentiment_csv):
-    from tunesmith.config.schema import parse_config
+    from tunesmith.config import parse_config
     from tunesmith.runs.rundir import RUN_MARKER, check_run_dir, create_run_dir
 
     work = tmp_path / "project" / "code" / "work"

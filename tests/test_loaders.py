@@ -17,7 +17,8 @@ import pytest
 
 import tunesmith
 from tiny import sentiment_rows, tiny_config
-from tunesmith.config.schema import ClassificationTaskConfig, DataConfig, parse_config
+from tunesmith.config import DataConfig, parse_config
+from tunesmith.tasks.classification.config import ClassificationTaskConfig
 from tunesmith.data.loaders import read_file
 from tunesmith.data.splits import make_splits
 from tunesmith.errors import DataError

@@ -17,7 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import tunesmith
 from tiny import tiny_config
 from tunesmith.speed import memory as memory
-from tunesmith.config.schema import MethodConfig, parse_config
+from tunesmith.config import method_config, parse_config
 from tunesmith.errors import ResourceError
 from tunesmith.speed.memory import check_memory, estimate_training_memory
 from tunesmith.methods.apply import apply_method
@@ -67,9 +67,9 @@ def test_attention_scores_are_kept_where_the_kernel_materialises_them():
 
 def test_lora_frozen_and_checkpointing_need_less():
     full = estimate_training_memory(_bert(), batch_size=16, seq_len=128)
-    lora = estimate_training_memory(apply_method(_bert(), MethodConfig(name="lora"), "SEQ_CLS"), batch_size=16, seq_len=128)
-    frozen = estimate_training_memory(apply_method(_bert(), MethodConfig(name="frozen"), "SEQ_CLS"), batch_size=16, seq_len=128)
-    last = estimate_training_memory(apply_method(_bert(), MethodConfig(name="last_n", last_n_layers=1), "SEQ_CLS"),
+    lora = estimate_training_memory(apply_method(_bert(), method_config("lora"), "SEQ_CLS"), batch_size=16, seq_len=128)
+    frozen = estimate_training_memory(apply_method(_bert(), method_config("frozen"), "SEQ_CLS"), batch_size=16, seq_len=128)
+    last = estimate_training_memory(apply_method(_bert(), method_config("last_n", last_n_layers=1), "SEQ_CLS"),
                                     batch_size=16, seq_len=128)
     deep = estimate_training_memory(_bert(layers=12), batch_size=16, seq_len=128)
     checkpointed = estimate_training_memory(_bert(layers=12), batch_size=16, seq_len=128, gradient_checkpointing=True)

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, BertForSequenceClas
 import tunesmith
 from tiny import sentiment_rows, tiny_config
 from tunesmith.speed import performance as performance
-from tunesmith.config.schema import MethodConfig, TrainConfig, load_config
+from tunesmith.config import TrainConfig, load_config, method_config
 from tunesmith.errors import ConfigError
 from tunesmith.methods.apply import apply_method, transformers_model
 
@@ -79,7 +79,7 @@ def test_num_threads_config_values():
 def _losses(model_dir, method: str, checkpointing: bool, steps: int = 4) -> list[float]:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    model = apply_method(model, MethodConfig(name=method, last_n_layers=1), "SEQ_CLS")
+    model = apply_method(model, method_config(method, **({"last_n_layers": 1} if method == "last_n" else {})), "SEQ_CLS")
     if checkpointing:
         assert performance.enable_gradient_checkpointing(model)
         assert transformers_model(model).is_activation_checkpointing
@@ -122,7 +122,7 @@ def test_gradient_checkpointing_unsupported_model_warns_and_trains_without(tiny_
 
 
 def test_frozen_method_skips_checkpointing_and_compile(tiny_bert):
-    model = apply_method(AutoModelForSequenceClassification.from_pretrained(tiny_bert), MethodConfig(name="frozen"), "SEQ_CLS")
+    model = apply_method(AutoModelForSequenceClassification.from_pretrained(tiny_bert), method_config("frozen"), "SEQ_CLS")
     model, record = performance.apply_speed_options(model, TrainConfig(gradient_checkpointing=True, torch_compile=True), "frozen")
     assert record["gradient_checkpointing"] is False and record["torch_compile"] is False
     assert not model.is_activation_checkpointing

@@ -302,7 +302,7 @@ def test_many_problems_are_listed_then_summarised(tmp_path):
     write_csv(tmp_path / "train.csv", rows)
     task = get_task("classification")
     cfg = tiny_config(tmp_path, tmp_path / "train.csv", tmp_path / "run")
-    from tunesmith.config.schema import parse_config
+    from tunesmith.config import parse_config
 
     run = parse_config(cfg)
     tables, _ = make_splits(run.data, 0, task.stratify_key(run.task))
@@ -320,7 +320,7 @@ def test_csv_line_numbers_count_blank_lines_and_multiline_fields(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text('text,label\n"a review\nthat spans lines",pos\n\nthe film was bad,neg\n,pos\ngood,neg\n', encoding="utf-8")
     task = get_task("classification")
-    from tunesmith.config.schema import ClassificationTaskConfig
+    from tunesmith.tasks.classification.config import ClassificationTaskConfig
 
     with pytest.raises(DataError) as caught:
         task.preflight(ClassificationTaskConfig(), {"train": read_file(path)})
@@ -408,7 +408,7 @@ def test_bad_input_does_not_overwrite_an_existing_run(tmp_path, tiny_bert):
 
 
 def test_an_empty_existing_output_dir_is_fine(tmp_path, sentiment_csv):
-    from tunesmith.config.schema import parse_config
+    from tunesmith.config import parse_config
     from tunesmith.runs.rundir import check_run_dir
 
     (tmp_path / "run").mkdir()
@@ -439,7 +439,7 @@ def _warning_tables(folder: Path) -> tuple[dict, Path, Path]:
 def test_preflight_warnings(tmp_path, tiny_bert):
     from transformers import AutoTokenizer
 
-    from tunesmith.config.schema import parse_config
+    from tunesmith.config import parse_config
 
     sections, train, valid = _warning_tables(tmp_path)
     run = parse_config(tiny_config(tiny_bert, train, tmp_path / "run", **sections))
@@ -465,7 +465,7 @@ def test_preflight_warnings(tmp_path, tiny_bert):
 
 
 def test_balanced_data_gives_no_warnings(tmp_path, sentiment_csv):
-    from tunesmith.config.schema import parse_config
+    from tunesmith.config import parse_config
 
     run = parse_config(tiny_config(tmp_path, sentiment_csv, tmp_path / "run"))
     task = get_task("classification")

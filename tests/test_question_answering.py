@@ -28,7 +28,8 @@ from test_strategies import METHODS
 from tiny import ORGS, PEOPLE, PLACES, tiny_config, write_csv, write_jsonl
 from tunesmith.tasks.question_answering import inference as qa
 from tunesmith.cli import app
-from tunesmith.config.schema import QuestionAnsweringTaskConfig, config_reference, load_config, parse_config
+from tunesmith.config import config_reference, load_config, parse_config
+from tunesmith.tasks.question_answering.config import QuestionAnsweringTaskConfig
 from tunesmith.data.splits import make_splits
 from tunesmith.tasks.question_answering.squad import read_squad
 from tunesmith.errors import ConfigError, DataError

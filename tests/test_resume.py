@@ -340,7 +340,7 @@ class _FakeScheduler:
 def _note_updates(tmp_path, outcomes: str, scaler=None, limit: int = 2):
     """Feed `_note_update` one step per character (g: good, o: finite loss with inf gradients, n: NaN loss);
     returns the loop's counters and the log's record types."""
-    from tunesmith.config.schema import TrainConfig
+    from tunesmith.config import TrainConfig
     from tunesmith.runs.rundir import JsonlLog
     from tunesmith.loop.loop import LoopResult, _note_update
 

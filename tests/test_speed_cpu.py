@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification
 
 import tunesmith
 from tiny import sentiment_rows, tiny_config, write_csv
-from tunesmith.config.schema import TrainConfig, parse_config
+from tunesmith.config import TrainConfig, parse_config
 from tunesmith.errors import ConfigError
 from tunesmith.speed import cpu, cpu_fastpath
 from tunesmith.speed.cpu_fastpath import FastDropout
@@ -156,7 +156,7 @@ def test_an_old_flat_key_is_read_as_its_train_cpu_key(old):
     cfg = parse_config({"train": {old: value}}, "cfg.yaml", notes=notes)
     assert getattr(cfg.train.cpu, new) == value
     assert notes == [f"cfg.yaml: read 'train.{old}' as 'train.cpu.{new}' (its name before schema version 2)"]
-    from tunesmith.config.schema import load_config
+    from tunesmith.config import load_config
 
     assert getattr(load_config(None, [f"train.{old}={str(value).lower()}"]).train.cpu, new) == value  # an override too
 
@@ -176,7 +176,7 @@ def test_an_old_run_directorys_config_yaml_still_loads_and_its_checkpoint_resume
     checkpoint's fingerprint matches the same settings under their new names."""
     import yaml
 
-    from tunesmith.config.schema import RunConfig, read_yaml
+    from tunesmith.config import RunConfig, read_yaml
     from tunesmith.loop import resume
 
     old = RunConfig().model_dump(mode="json")

@@ -57,7 +57,7 @@ def test_overfit_save_reload_predict(method, pretrained_tiny_bert, sentiment_csv
 
 
 def test_trainable_parameter_counts(tiny_bert):
-    from tunesmith.config.schema import MethodConfig
+    from tunesmith.config import method_config
     from tunesmith.methods.apply import apply_method, count_parameters
 
     def fresh():
@@ -65,15 +65,15 @@ def test_trainable_parameter_counts(tiny_bert):
 
     total = count_parameters(fresh()).total
     head = sum(p.numel() for p in fresh().classifier.parameters())
-    frozen = apply_method(fresh(), MethodConfig(name="frozen"), "SEQ_CLS")
+    frozen = apply_method(fresh(), method_config("frozen"), "SEQ_CLS")
     assert count_parameters(frozen).trainable == head
-    last1 = apply_method(fresh(), MethodConfig(name="last_n", last_n_layers=1), "SEQ_CLS")
+    last1 = apply_method(fresh(), method_config("last_n", last_n_layers=1), "SEQ_CLS")
     model = last1
     assert all(not p.requires_grad for p in model.bert.embeddings.parameters())
     assert all(not p.requires_grad for p in model.bert.encoder.layer[0].parameters())
     assert all(p.requires_grad for p in model.bert.encoder.layer[1].parameters())
     assert head < count_parameters(last1).trainable < total
-    lora = apply_method(fresh(), MethodConfig(name="lora"), "SEQ_CLS")
+    lora = apply_method(fresh(), method_config("lora"), "SEQ_CLS")
     assert 0 < count_parameters(lora).trainable < total / 2
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2LMHeadModel
 
-from tunesmith.config.schema import MethodConfig
+from tunesmith.config import method_config
 from tunesmith.methods.apply import apply_method, head_module_names
 from tunesmith.tasks.base import Losses, LossTotal
 
@@ -31,16 +31,16 @@ def test_a_tied_output_embedding_is_not_a_head():
 
 def test_frozen_needs_a_head_and_lora_does_not_save_the_vocabulary():
     with pytest.raises(ValueError, match="frozen trains only the task head"):
-        apply_method(_gpt2_lm(), MethodConfig(name="frozen"), "CAUSAL_LM")
-    lora = apply_method(_gpt2_lm(), MethodConfig(name="lora", target_modules="all-linear"), "CAUSAL_LM")
+        apply_method(_gpt2_lm(), method_config("frozen"), "CAUSAL_LM")
+    lora = apply_method(_gpt2_lm(), method_config("lora", target_modules="all-linear"), "CAUSAL_LM")
     trainable = [name for name, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable), trainable  # no copy of lm_head / wte
-    frozen = apply_method(_bert_classifier(), MethodConfig(name="frozen"), "SEQ_CLS")
+    frozen = apply_method(_bert_classifier(), method_config("frozen"), "SEQ_CLS")
     assert {name.split(".")[0] for name, p in frozen.named_parameters() if p.requires_grad} == {"classifier"}
 
 
 def test_a_task_may_declare_its_head():
-    model = apply_method(_bert_classifier(), MethodConfig(name="frozen"), "SEQ_CLS", heads=["bert"])
+    model = apply_method(_bert_classifier(), method_config("frozen"), "SEQ_CLS", heads=["bert"])
     assert all(p.requires_grad for p in model.bert.parameters()) and not model.classifier.weight.requires_grad
 
 
@@ -53,7 +53,7 @@ def test_loss_total_weighs_every_unit_alike():
 
 
 def test_a_family_refuses_input_options_it_does_not_declare(tmp_path):
-    from tunesmith.config.schema import ClassificationTaskConfig
+    from tunesmith.tasks.classification.config import ClassificationTaskConfig
     from tunesmith.errors import DataError
     from tunesmith.tasks import get_task
 

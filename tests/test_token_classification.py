@@ -18,7 +18,7 @@ from families import FamilyCache
 from test_strategies import LEARNING_RATES, METHODS
 from tiny import ner_rows, tiny_config, write_conll, write_jsonl
 from tunesmith.cli import app
-from tunesmith.config.schema import parse_config
+from tunesmith.config import parse_config
 from tunesmith.data.splits import make_splits
 from tunesmith.errors import DataError
 from tunesmith.tasks.token_classification.metrics import TagAccumulator, entity_metrics
@@ -399,7 +399,8 @@ def test_model_families(family, family_model, tmp_path):
 def test_example_config_and_reference():
     from pathlib import Path
 
-    from tunesmith.config.schema import TokenClassificationTaskConfig, config_reference, load_config
+    from tunesmith.config import config_reference, load_config
+    from tunesmith.tasks.token_classification.config import TokenClassificationTaskConfig
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "ner.yaml")

@@ -17,7 +17,7 @@ import transformers
 import yaml
 
 from tunesmith.assets import resolve_model_path
-from tunesmith.config.schema import ModelConfig, RunConfig, coerce_config, parse_config
+from tunesmith.config import ModelConfig, RunConfig, coerce_config, parse_config
 from tunesmith.data.batching import eval_loader, train_loader
 from tunesmith.data.splits import data_file_paths, make_splits
 from tunesmith.distributed import strategies as distributed

@@ -138,7 +138,7 @@ def _looks_like_override(value: Path | None) -> bool:
 def _check_before_imports(config: Path | None, overrides: list[str], overwrite: bool) -> None:
     """The checks that need no torch: the config, the data paths and output.dir, reported within a second
     (importing torch and transformers takes seconds)."""
-    from tunesmith.config.schema import load_config
+    from tunesmith.config import load_config
     from tunesmith.runs.lock import check_unlocked
     from tunesmith.paths import check_data_paths
     from tunesmith.runs.rundir import check_run_dir
@@ -368,7 +368,7 @@ def demo(
 @config_app.command("show")
 def config_show(config: Annotated[Optional[Path], typer.Argument()] = None, overrides: Overrides = None) -> None:
     """Print the fully resolved config (defaults filled in)."""
-    from tunesmith.config.schema import dump_config, load_config
+    from tunesmith.config import dump_config, load_config
 
     if _looks_like_override(config):
         config, overrides = None, [str(config), *(overrides or [])]
@@ -391,7 +391,7 @@ def _print_notes(notes: list[str]) -> None:
 @config_app.command("validate")
 def config_validate(config: Path, overrides: Overrides = None) -> None:
     """Check a config: unknown keys (with the closest valid key), types, ranges, and that its data files exist."""
-    from tunesmith.config.schema import load_config
+    from tunesmith.config import load_config
     from tunesmith.paths import check_data_paths
 
     notes: list[str] = []
@@ -415,7 +415,7 @@ def config_init(
 ) -> None:
     """Write a starter config with every section and its defaults (sequence classification; see configs/
     for the other task families)."""
-    from tunesmith.config.schema import RunConfig, dump_config
+    from tunesmith.config import RunConfig, dump_config
 
     try:
         if path.is_dir():
@@ -461,7 +461,7 @@ def _check_columns(data_file: Path, columns: list[str]) -> None:
 @config_app.command("reference")
 def config_reference_cmd(output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None) -> None:
     """Print (or write) the generated reference of every config key."""
-    from tunesmith.config.schema import config_reference
+    from tunesmith.config import config_reference
 
     text = config_reference()
     if output:

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tunesmith.config.schema import RunConfig
+from tunesmith.config import RunConfig
 
 EXAMPLES = [
     "a gorgeous, witty and deeply moving film",

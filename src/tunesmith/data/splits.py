@@ -15,7 +15,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from tunesmith.assets import BUNDLED_PREFIX, bundled_dataset_frame
-from tunesmith.config.schema import DataConfig
+from tunesmith.config import DataConfig
 from tunesmith.errors import DataError
 from tunesmith.data.loaders import Table, is_disk_dataset, read_disk_dataset, read_file, read_hub_dataset
 

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from tunesmith.config.schema import TrainConfig
+from tunesmith.config import TrainConfig
 from tunesmith.speed.cpu import attention_kernel, math_attention_max_length
 from tunesmith.data.batching import padding_share
 from tunesmith.speed.embedding_rows import decay_unseen_rows

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from tunesmith.loop.checkpoint import Checkpoint, latest_checkpoint
-from tunesmith.config.schema import RunConfig, coerce_config, parse_config, read_yaml, renamed_key
+from tunesmith.config import RunConfig, coerce_config, is_legacy_method_default, parse_config, read_yaml, renamed_key
 from tunesmith.errors import ConfigError, DataError
 
 log = logging.getLogger("tunesmith")
@@ -58,14 +58,16 @@ def fingerprint(cfg: RunConfig, tables: dict) -> dict:
 def _changed_keys(saved: dict, current: dict) -> list[str]:
     """Config keys that differ from the checkpoint's. A key added to the schema after the checkpoint was
     written is no change while it keeps its default (the run used what the default does); a key renamed
-    since is compared under its new name."""
+    since is compared under its new name; nor is a key an older version wrote for every method, at its
+    default, that the run's method does not have."""
     old, new = saved.get("config"), current["config"]
     if not old:
         return ["(the checkpoint records no config)"]
     old = {renamed_key(k): v for k, v in old.items()}
     defaults = _comparable(RunConfig())
     return sorted(k for k in set(old) | set(new)
-                  if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k]))
+                  if old.get(k) != new.get(k) and not (k not in old and k in defaults and new.get(k) == defaults[k])
+                  and not (k not in new and is_legacy_method_default(k, old[k])))
 
 
 def check_fingerprint(checkpoint: Checkpoint, current: dict) -> None:

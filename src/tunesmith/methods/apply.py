@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tunesmith.config.schema import MethodConfig
+from tunesmith.config import MethodConfig
 
 log = logging.getLogger("tunesmith")
 

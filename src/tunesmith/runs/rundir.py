@@ -35,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config.schema import SCHEMA_VERSION, RunConfig, dump_config
+from tunesmith.config import SCHEMA_VERSION, RunConfig, dump_config
 from tunesmith.errors import ConfigError
 from tunesmith.runs.lock import LOCK_NAME
 

@@ -277,7 +277,7 @@ def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device:
     if not getattr(cfg.train, "memory_check", True):
         return []
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    max_length = int(getattr(cfg.task, "max_length", 512))
+    max_length = int(cfg.task.max_length)
     lengths = train_data["length"] if train_data is not None and "length" in getattr(train_data, "column_names", ()) else None
     seq_len = _longest(lengths, max_length)
     rows = len(train_data) if train_data is not None else None  # a batch never holds more rows than the train set

@@ -1,21 +1,27 @@
-"""Task families, registered by name. Adding a family: one module here plus one line below."""
+"""Task families, registered by name. Adding a family: a folder here (config.py, task.py and a
+`FAMILY` in its __init__.py) plus one line below. Importing this package imports no torch: `Task`
+(tasks/base.py) is loaded on first access."""
 
 from __future__ import annotations
 
-from tunesmith.tasks.base import Task
-from tunesmith.tasks.classification.task import ClassificationTask
-from tunesmith.tasks.question_answering.task import QuestionAnsweringTask
-from tunesmith.tasks.token_classification.task import TokenClassificationTask
+from typing import Any
 
-TASKS: dict[str, type[Task]] = {
-    "classification": ClassificationTask,
-    "token_classification": TokenClassificationTask,
-    "question_answering": QuestionAnsweringTask,
-}
+from tunesmith.tasks.registry import Family, families, get_task, register, unregister
 
+from tunesmith.tasks import classification, question_answering, token_classification  # noqa: E402
 
-def get_task(name: str) -> Task:
-    return TASKS[name]()
+register(classification.FAMILY)  # the first registered family is the default task
+register(token_classification.FAMILY)
+register(question_answering.FAMILY)
 
 
-__all__ = ["TASKS", "Task", "get_task"]
+def __getattr__(name: str) -> Any:
+    # `Task` needs the task modules (torch); imported only when asked for.
+    if name == "Task":
+        from tunesmith.tasks.base import Task
+
+        return Task
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Family", "Task", "families", "get_task", "register", "unregister"]

@@ -1,0 +1,8 @@
+"""The classification family. Importing the package imports only its config section (no torch)."""
+
+from tunesmith.tasks.classification.config import ClassificationTaskConfig
+from tunesmith.tasks.registry import Family
+
+FAMILY = Family(
+    name="classification", config=ClassificationTaskConfig, task="tunesmith.tasks.classification.task:ClassificationTask"
+)

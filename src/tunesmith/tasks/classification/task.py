@@ -14,8 +14,8 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from tunesmith.config.schema import ClassificationTaskConfig
 from tunesmith.data.inputs import InputColumns
+from tunesmith.tasks.classification.config import ClassificationTaskConfig
 from tunesmith.data.loaders import Table
 from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import DataError, shown, summarise as _summarise

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from tunesmith.tasks.question_answering import inference as qa
-from tunesmith.config.schema import QuestionAnsweringTaskConfig
+from tunesmith.tasks.question_answering.config import QuestionAnsweringTaskConfig
 from tunesmith.data.loaders import Table
 from tunesmith.tasks.question_answering.squad import read_questions
 from tunesmith.data.tokenize import cached_map

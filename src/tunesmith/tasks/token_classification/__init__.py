@@ -1,0 +1,8 @@
+"""The token classification family. Importing the package imports only its config section (no torch)."""
+
+from tunesmith.tasks.token_classification.config import TokenClassificationTaskConfig
+from tunesmith.tasks.registry import Family
+
+FAMILY = Family(
+    name="token_classification", config=TokenClassificationTaskConfig, task="tunesmith.tasks.token_classification.task:TokenClassificationTask"
+)

@@ -26,8 +26,8 @@ import torch
 from torch.nn import functional as F
 from transformers import DataCollatorForTokenClassification
 
-from tunesmith.config.schema import TokenClassificationTaskConfig
 from tunesmith.data.inputs import InputColumns
+from tunesmith.tasks.token_classification.config import TokenClassificationTaskConfig
 from tunesmith.data.loaders import CONLL_SUFFIXES, Table, read_conll, read_file
 from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import ConfigError, DataError, shown, summarise as _summarise
