@@ -187,3 +187,12 @@ def test_train_never_changes_the_callers_config(tiny_bert, sentiment_csv, tmp_pa
     tunesmith.train(cfg, show_progress=False)
     tunesmith.train(cfg, show_progress=False, overwrite=True)
     assert cfg == before and cfg.output.overwrite is False
+
+
+def test_names_from_before_the_split_still_import():
+    from tunesmith.config import schema
+
+    assert schema.ClassificationTaskConfig is ClassificationTaskConfig
+    assert schema.parse_config is parse_config and schema.config_reference is config_reference
+    with pytest.raises(AttributeError):
+        schema.NoSuchName  # noqa: B018

@@ -58,10 +58,6 @@ class DataConfig(Section):
     encoding: str = Field("utf-8", description="Text encoding of CSV/TSV/JSON files.")
 
 
-
-class ClassificationTaskConfig(Section):
-    """Sequence classification: single-label, multi-label, regression, sentence pairs."""
-
 # --------------------------------------------------------------------------- methods
 
 
@@ -360,6 +356,26 @@ def set_task_configs(configs: list[type[TaskConfigBase]]) -> None:
     else:
         field.annotation, field.discriminator = Union[tuple(configs)], "name"  # type: ignore[assignment]
     RunConfig.model_rebuild(force=True)
+
+
+# Names that lived here before config/ was split by role, for code written against the old layout (branches
+# in flight): the loading and reference functions, and the built-in task sections, now in their families.
+_MOVED = {
+    "ClassificationTaskConfig": "tunesmith.tasks.classification.config",
+    "TokenClassificationTaskConfig": "tunesmith.tasks.token_classification.config",
+    "QuestionAnsweringTaskConfig": "tunesmith.tasks.question_answering.config",
+    "config_reference": "tunesmith.config.reference",
+}
+_LOADING = {"apply_overrides", "coerce_config", "dump_config", "load_config", "parse_config", "read_yaml", "MAX_CONFIG_BYTES"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name) or ("tunesmith.config.loading" if name in _LOADING else None)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 # The built-in families register themselves (and this union) when tunesmith.tasks is imported; it imports
