@@ -321,7 +321,7 @@ def test_reference_documents_every_key():
 
 
 def test_demo_config_is_valid_and_sized_for_the_cpu(tmp_path):
-    from tunesmith.cli.demo import demo_config
+    from tunesmith.tasks.classification.demo import demo_config
 
     cfg = demo_config(tmp_path, fast_bf16=True)
     assert cfg.data.dataset_name == "bundled:rotten_tomatoes" and cfg.method.name == "full"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2LMHeadModel
@@ -71,3 +73,30 @@ def test_typed_state_round_trips_and_names_what_is_missing():
     assert ClassificationState.from_json({**state.to_json(), "from_a_later_version": 1}) == state
     with pytest.raises(ConfigError, match="missing problem_type, labels"):
         ClassificationState.from_json({}, "RUN/task.json")
+
+
+def test_predict_options_come_from_the_registry():
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import commands as cli
+    from tunesmith.errors import TunesmithError
+    from tunesmith.tasks import Family, register, unregister
+    from tunesmith.tasks.classification.config import ClassificationTaskConfig
+    from tunesmith.tasks.registry import PredictOption
+
+    class ToyConfig(ClassificationTaskConfig):
+        name: Literal["toy_options"] = "toy_options"
+
+    register(Family("toy_options", ToyConfig, "tunesmith.tasks.classification.task:ClassificationTask",
+                    predict_options=(PredictOption("temperature", "Toy: a sampling temperature.", feeds="predict"),)))
+    try:
+        cli.refresh_family_options()
+        assert "--temperature" in CliRunner().invoke(cli.app, ["predict", "--help"]).output
+        assert cli._family_options("toy_options", {"temperature": "0.7", "question": None}) == ({}, {"temperature": "0.7"})
+        assert cli._family_options("question_answering", {"question": ["Q?"]}) == ({"question": ["Q?"]}, {})
+        with pytest.raises(TunesmithError, match="--question applies to question_answering runs only; this run is classification"):
+            cli._family_options("classification", {"question": ["Who?"]})
+    finally:
+        unregister("toy_options")
+        cli.refresh_family_options()
+    assert "--temperature" not in CliRunner().invoke(cli.app, ["predict", "--help"]).output

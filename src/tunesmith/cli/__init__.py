@@ -1,5 +1,5 @@
 """The command line: a thin typer layer over the Python API (`tunesmith.api`)."""
 
-from .app import app, main
+from .commands import app, main
 
 __all__ = ["app", "main"]

@@ -1,5 +1,5 @@
 """`python -m tunesmith.cli` (how `accelerate launch -m tunesmith.cli` and `--nproc` start each process)."""
 
-from .app import main
+from .commands import main
 
 main()

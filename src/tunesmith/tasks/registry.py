@@ -18,18 +18,32 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class PredictOption:
+    """A `tunesmith predict` option of a family's own (`--question`), declared here so that the CLI builds its
+    options from the registry without importing any task module."""
+
+    name: str  # the option without its dashes, and the keyword it arrives as
+    help: str
+    repeatable: bool = False  # given several times: a list
+    feeds: str = "inputs"  # "inputs": handed to Task.predict_inputs; "predict": a keyword argument of Task.predict
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # task.name in configs
     config: type[TaskConfigBase]  # the family's config section
     task: str  # "tunesmith.tasks.classification.task:ClassificationTask", imported on first use
+    predict_options: tuple[PredictOption, ...] = ()
+    demo: str | None = None  # "module:function" that `tunesmith demo` runs (the first registered family with one)
 
     def __post_init__(self) -> None:
         named = self.config.model_fields["name"].default
         if named != self.name:
             raise ValueError(f"task family '{self.name}': its config {self.config.__name__} has name default {named!r}; "
                              f"expected name: Literal[{self.name!r}] = {self.name!r}")
-        if ":" not in self.task:
-            raise ValueError(f"task family '{self.name}': task {self.task!r}; expected 'module:Class'")
+        for field, value in (("task", self.task), ("demo", self.demo)):
+            if value is not None and ":" not in value:
+                raise ValueError(f"task family '{self.name}': {field} {value!r}; expected 'module:name'")
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -64,10 +78,15 @@ def families() -> dict[str, Family]:
     return dict(_FAMILIES)
 
 
+def load(reference: str):
+    """The object a "module:name" reference names (imported now)."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 def get_task(name: str) -> "Task":
     """A new instance of the family's Task class (imported now, the first time)."""
     family = _FAMILIES.get(name)
     if family is None:
         raise KeyError(f"no task family '{name}' is registered (registered: {', '.join(_FAMILIES)})")
-    module, _, attribute = family.task.partition(":")
-    return getattr(importlib.import_module(module), attribute)()
+    return load(family.task)()

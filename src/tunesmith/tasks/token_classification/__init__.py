@@ -1,8 +1,12 @@
 """The token classification family. Importing the package imports only its config section (no torch)."""
 
 from tunesmith.tasks.token_classification.config import TokenClassificationTaskConfig
-from tunesmith.tasks.registry import Family
+from tunesmith.tasks.registry import Family, PredictOption
 
 FAMILY = Family(
-    name="token_classification", config=TokenClassificationTaskConfig, task="tunesmith.tasks.token_classification.task:TokenClassificationTask"
+    name="token_classification", config=TokenClassificationTaskConfig,
+    task="tunesmith.tasks.token_classification.task:TokenClassificationTask",
+    predict_options=(
+        PredictOption("aggregation", "Token classification: first, average or max (default: the run's).", feeds="predict"),
+    ),
 )

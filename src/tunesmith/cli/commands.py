@@ -262,7 +262,6 @@ def evaluate(
         _write_output(output, text, "metrics")
 
 
-@app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     input_file: Annotated[Optional[Path], typer.Option("--input", "-i", help="CSV/TSV/JSON/JSONL/Parquet file, or a .txt file with one text per line.")] = None,
@@ -271,9 +270,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Inference batch size.")] = 64,
     output_format: Annotated[str, typer.Option("--format", "-f", help="jsonl, or conll (token<TAB>tag; token classification).")] = "jsonl",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON array of the predictions on stdout (logs on stderr).")] = False,
-    aggregation: Annotated[Optional[str], typer.Option(help="Token classification: first, average or max (default: the run's).")] = None,
-    question: Annotated[Optional[list[str]], typer.Option("--question", help="Question answering: a question (repeatable).")] = None,
-    context: Annotated[Optional[list[str]], typer.Option("--context", help="Question answering: its context (one per --question, or one for all).")] = None,
+    **family_options,
 ) -> None:
     """Predict for texts given with --text, in a file (--input), or as lines on stdin (or a CSV with the run's
     text column); question answering: --question with --context, or a file with question and context columns
@@ -296,10 +293,9 @@ def predict(
 
     try:
         loaded = api.load(run_dir)
-        if aggregation and "aggregation" not in inspect.signature(loaded.task.predict).parameters:
-            raise TunesmithError("--aggregation applies to token classification runs only; drop it")
-        inputs, records = read_inputs(loaded.config, input_file, text, {k: v for k, v in {"question": question, "context": context}.items() if v})
-        predictions = loaded.predict(inputs, batch_size=batch_size, **({"aggregation": aggregation} if aggregation else {}))
+        inputs_options, predict_options = _family_options(loaded.config.task.name, family_options)
+        inputs, records = read_inputs(loaded.config, input_file, text, inputs_options)
+        predictions = loaded.predict(inputs, batch_size=batch_size, **predict_options)
         lines = render_predictions(records, predictions, output_format)
     except TunesmithError as err:
         _fail(err)
@@ -313,6 +309,53 @@ def predict(
         _write_output(output, body, f"{len(predictions)} predictions")
     else:
         sys.stdout.write(body)
+
+
+def _family_option_parameters() -> list[inspect.Parameter]:
+    """`predict`'s options of the registered task families (`Family.predict_options`), each once."""
+    from tunesmith.tasks import families
+
+    parameters: dict[str, inspect.Parameter] = {}
+    for family in families().values():
+        for option in family.predict_options:
+            kind = Optional[list[str]] if option.repeatable else Optional[str]
+            parameters.setdefault(option.name, inspect.Parameter(
+                option.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                annotation=Annotated[kind, typer.Option(f"--{option.name.replace('_', '-')}", help=option.help)],
+            ))
+    return list(parameters.values())
+
+
+def _family_options(task_name: str, given: dict) -> tuple[dict, dict]:
+    """The family options given, split into (inputs options, predict keywords); an option of another family is an error."""
+    from tunesmith.tasks import families
+
+    given = {name: value for name, value in given.items() if value}
+    declared = {option.name: option for option in families()[task_name].predict_options}
+    for name in given:
+        if name not in declared:
+            owners = [f.name for f in families().values() if any(o.name == name for o in f.predict_options)]
+            raise TunesmithError(f"--{name.replace('_', '-')} applies to {' and '.join(owners)} runs only; this run is "
+                                 f"{task_name}; drop it")
+    split = ({}, {})
+    for name, value in given.items():
+        split[declared[name].feeds == "predict"][name] = value
+    return split
+
+
+_PREDICT_SIGNATURE = inspect.signature(predict, eval_str=True)
+
+
+def refresh_family_options() -> None:
+    """typer reads a command's options from its signature when the CLI runs: predict's own, then every
+    registered family's. Called at import; again after registering a family at run time (a test's toy family)."""
+    own = [p for p in _PREDICT_SIGNATURE.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    predict.__signature__ = _PREDICT_SIGNATURE.replace(parameters=[*own, *_family_option_parameters()])
+    predict.__annotations__ = {p.name: p.annotation for p in predict.__signature__.parameters.values()}
+
+
+refresh_family_options()
+app.command()(predict)
 
 
 @app.command()
