@@ -91,43 +91,6 @@ def renamed_key(dotted: str) -> str:
     """The key a dotted key written under an earlier schema version is now (itself when it was never renamed)."""
     return _OLD_NAMES[dotted][0] if dotted in _OLD_NAMES else dotted
 
-_ALWAYS_EVALUATES = (
-    "`tunesmith train` always trains, evaluates on the validation set, and evaluates the best model on the test set "
-    "when there is one (data.test_file or data.test_split); remove it"
-)
-
-# An unknown key, in whichever section it is written -> our key (no spaces), or what to do instead.
-_FOREIGN_KEYS: dict[str, str] = {
-    # TrainingArguments
-    "batch_size": "train.per_device_train_batch_size",
-    "train_batch_size": "train.per_device_train_batch_size",
-    "per_gpu_train_batch_size": "train.per_device_train_batch_size",
-    "eval_batch_size": "train.per_device_eval_batch_size",
-    "per_gpu_eval_batch_size": "train.per_device_eval_batch_size",
-    "lr": "train.learning_rate",
-    "epochs": "train.num_train_epochs",
-    "num_epochs": "train.num_train_epochs",
-    "gradient_accumulation": "train.gradient_accumulation_steps",
-    "evaluation_strategy": "train.eval_strategy",
-    "overwrite_output_dir": "output.overwrite",
-    "save_strategy": "checkpoints are written every train.save_steps optimizer steps and after each evaluation and epoch "
-    "(train.save_steps=0: only then); remove it",
-    "report_to": "metrics are logged to RUN_DIR/log.jsonl (no integrations such as wandb or tensorboard yet); remove it",
-    "logging_dir": "logs (log.jsonl) are written into the run directory, output.dir; remove it or set output.dir",
-    "logging_strategy": "logs are written every train.logging_steps optimizer steps; remove it (set train.logging_steps)",
-    "optim": "the optimizer is always AdamW (no weight decay on biases and norms); remove it",
-    "do_train": _ALWAYS_EVALUATES,
-    "do_eval": _ALWAYS_EVALUATES,
-    "do_predict": _ALWAYS_EVALUATES,
-    # run_glue.py / run_ner.py / run_qa.py arguments
-    "model_name_or_path": "model.name_or_path",
-    "tokenizer_name": "model.tokenizer_name_or_path",
-    "max_seq_length": "task.max_length",
-    "max_predict_samples": "data.max_eval_samples",
-    "pad_to_max_length": "each batch is padded to its longest sequence, never to task.max_length; remove it",
-    "cache_dir": "models and datasets are cached where Hugging Face caches them (the HF_HOME environment variable); remove it",
-}
-
 
 def pipeline_names() -> dict[str, str]:
     """`text-classification` -> `classification`, from each registered task config's `pipeline_tag`."""
