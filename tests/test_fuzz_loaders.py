@@ -37,6 +37,7 @@ from tunesmith.tasks.token_classification.config import TokenClassificationTaskC
 from tunesmith.data.loaders import Table, read_file
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.tasks import get_task
+from tunesmith.tasks.base import TaskState
 
 EXAMPLES = int(os.environ.get("TUNESMITH_FUZZ_EXAMPLES", "80"))
 FUZZ = settings(
@@ -94,7 +95,7 @@ def outcome(read, path: Path) -> Table | DataError:
     return table
 
 
-def preflight(task, cfg, table: Table, path: Path) -> dict | DataError:
+def preflight(task, cfg, table: Table, path: Path) -> TaskState | DataError:
     try:
         state, warnings = task.preflight(cfg, {"train": table})
     except (DataError, ConfigError) as err:
@@ -419,7 +420,7 @@ def test_classification_preflight_on_mixed_types(rows, suffix):
         if isinstance(table, DataError):
             return
         state = preflight(CLS_TASK, ClassificationTaskConfig(), table, path)
-        if isinstance(state, dict):
+        if isinstance(state, TaskState):
             for value in table.frame["text"]:
                 assert isinstance(value, (str, int, float)) and not _missing(value) and str(value).strip()
             if state.problem_type != "multi_label":
@@ -443,7 +444,7 @@ def test_preflight_names_the_line_of_each_empty_text(rows, holes, suffix, data):
         assert isinstance(table, Table), table
         result = preflight(CLS_TASK, ClassificationTaskConfig(), table, path)
         if not holes:
-            assert isinstance(result, dict), result
+            assert isinstance(result, TaskState), result
             return
         assert isinstance(result, DataError)
         first = {".csv": 2, ".tsv": 2, ".jsonl": 1}
@@ -480,8 +481,8 @@ def test_conll_round_trip(sentences, sep, newline, docstart):
         for tokens, numbers in zip(table.frame["tokens"], table.frame["lines"]):
             assert [file_lines[n - 1].split(sep)[0] for n in numbers] == tokens
         result = preflight(TOKEN_TASK, CONLL, table, path)
-        if isinstance(result, dict):  # accepted: the labels are the tags written
-            assert set(result["labels"]) == {tag for s in sentences for _, tag in s}
+        if isinstance(result, TaskState):  # accepted: the labels are the tags written
+            assert set(result.labels) == {tag for s in sentences for _, tag in s}
 
 
 @FUZZ
@@ -504,7 +505,7 @@ def test_conll_malformed_lines(lines, suffix):
         if isinstance(table, DataError):
             return
         state = preflight(TOKEN_TASK, CONLL, table, path)
-        if isinstance(state, dict):
+        if isinstance(state, TaskState):
             # Accepted: every token is visible text (the tokenizer would drop an empty word and its tag).
             assert all(t.strip() for tokens in table.frame["tokens"] for t in tokens)
 
@@ -642,7 +643,7 @@ def test_squad_valid_documents_load(doc):
             assert isinstance(table, Table), table
             assert len(table.frame) == questions
             state = _qa_preflight(table, path)
-            assert isinstance(state, dict), state
+            assert isinstance(state, TaskState), state
 
 
 @needs_squad
