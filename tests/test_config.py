@@ -209,6 +209,7 @@ def test_warmup_reaches_the_scheduler(monkeypatch, tmp_path, train, warmup):
     from torch.utils.data import DataLoader
 
     from tunesmith.loop import loop as training
+    from tunesmith.loop import optimizer as optimizer_module
 
     class Stop(Exception):
         pass
@@ -219,7 +220,7 @@ def test_warmup_reaches_the_scheduler(monkeypatch, tmp_path, train, warmup):
         seen.update(warmup=num_warmup_steps, total=num_training_steps)
         raise Stop  # the schedule is all this test is about
 
-    monkeypatch.setattr(training, "get_scheduler", scheduler)
+    monkeypatch.setattr(optimizer_module, "get_scheduler", scheduler)
     with pytest.raises(Stop):
         training.train_loop(
             model=torch.nn.Linear(2, 2), task=None, state={}, train_cfg=parse_config({"train": {"max_steps": 20, **train}}).train,

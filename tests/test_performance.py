@@ -198,7 +198,7 @@ def test_inductor_compiled_run_matches_uncompiled(tiny_bert, tmp_path):
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e6, float("inf")])
 def test_clip_cpu_gradients_is_torchs_clipping_bit_for_bit(max_norm):
-    from tunesmith.loop.loop import clip_cpu_gradients
+    from tunesmith.loop.step import clip_cpu_gradients
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 3))
@@ -218,7 +218,7 @@ def test_clip_cpu_gradients_is_torchs_clipping_bit_for_bit(max_norm):
 
 
 def test_clip_cpu_gradients_with_mixed_dtypes_and_none_uses_torch():
-    from tunesmith.loop.loop import clip_cpu_gradients
+    from tunesmith.loop.step import clip_cpu_gradients
 
     a, b = torch.ones(4, requires_grad=True), torch.ones(4, dtype=torch.bfloat16, requires_grad=True)
     a.grad, b.grad = torch.full((4,), 3.0), torch.full((4,), 4.0, dtype=torch.bfloat16)

@@ -6,7 +6,7 @@ import re
 import pytest
 from rich.console import Console
 
-from tunesmith.loop.loop import _progress
+from tunesmith.loop.progress import progress_line as _progress
 
 TIMES = re.compile(r"\d+:\d\d:\d\d<\d+:\d\d:\d\d")  # elapsed<remaining, neither cut to "0:0…"
 

@@ -531,7 +531,7 @@ def test_evaluation_streams_spans_and_eval_command(v2_run, tmp_path):
     eval` on the SQuAD file gives the run's validation metrics."""
     from tunesmith.api import make_accelerator
     from tunesmith.data.batching import eval_loader
-    from tunesmith.loop.loop import run_evaluation
+    from tunesmith.loop.evaluation import run_evaluation
 
     result, _, train = v2_run
     loaded = tunesmith.load(result.run_dir)

@@ -235,7 +235,7 @@ def _poison_losses(monkeypatch, poisoned_calls: set[int]) -> None:
 
 
 def test_nonfinite_loss_skipped_then_stops(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
-    from tunesmith.loop.loop import TrainingDiverged
+    from tunesmith.loop.step import TrainingDiverged
 
     _poison_losses(monkeypatch, {3, 4})
     result = tunesmith.train(_cfg(tiny_bert, sentiment_csv, tmp_path / "skip", num_train_epochs=1), show_progress=False)
@@ -286,19 +286,23 @@ class _CountingAccelerator:
 
 
 def test_loss_window_reads_the_losses_once_per_optimizer_step():
-    from tunesmith.loop.loop import LoopResult, _add_to_running_loss, _LossWindow, _reported_loss
+    from tunesmith.loop.state import LoopResult
+    from tunesmith.loop.step import LossWindow, add_to_running_loss, gradient_scale, window_loss
 
     accelerator = _CountingAccelerator()
-    losses = _LossWindow(accelerator)
-    for value, size in ((0.5, 8), (float("nan"), 8), (0.25, 4)):
-        losses.add(torch.tensor(value), size)
+    losses = LossWindow(accelerator)
+    for total, units in ((4.0, 8), (float("nan"), 8), (1.0, 4)):  # loss sums and their units
+        losses.add(torch.tensor(total), torch.tensor(float(units)))
     assert accelerator.reduces == 0  # nothing read per micro-batch
     window = losses.close()
-    assert accelerator.reduces == 1 and [size for _, size in window] == [8, 8, 4]
-    assert math.isnan(_reported_loss(window)) and _reported_loss(window[:1] + window[2:]) == 0.25
+    assert accelerator.reduces == 1 and [units for _, units in window] == [8, 8, 4]
+    assert math.isnan(window_loss(window)) and window_loss(window[:1] + window[2:]) == 5.0 / 12
     result = LoopResult()
-    _add_to_running_loss(result, window)
-    assert (result.running_loss, result.running_count) == (0.5 * 8 + 0.25 * 4, 12)
+    add_to_running_loss(result, window)
+    assert (result.running_loss, result.running_count) == (5.0, 12)  # the NaN micro-batch left out
+    # Two micro-batches of nominal 8 on 2 processes: the gradients are rescaled from sum / (8 * 2 * 2) to sum / 20.
+    assert gradient_scale(window[:1] + window[2:], 8.0, 2, 2) == 32 / 12
+    assert gradient_scale([(4.0, 8), (4.0, 8)], 8.0, 2, 1) == 1.0  # full unweighted batches: no multiply
     assert losses.close() == []  # the next window starts empty
 
 
@@ -342,7 +346,8 @@ def _note_updates(tmp_path, outcomes: str, scaler=None, limit: int = 2):
     returns the loop's counters and the log's record types."""
     from tunesmith.config import TrainConfig
     from tunesmith.runs.rundir import JsonlLog
-    from tunesmith.loop.loop import LoopResult, _note_update
+    from tunesmith.loop.state import LoopResult
+    from tunesmith.loop.step import note_update as _note_update
 
     result, logbook = LoopResult(), JsonlLog(tmp_path / "log.jsonl")
     losses = {"g": 0.5, "o": 0.5, "n": float("nan")}
@@ -362,14 +367,14 @@ def test_fp16_overflow_skips_are_logged_not_counted(tmp_path):
 
 
 def test_gradient_overflow_without_a_scaler_counts(tmp_path):
-    from tunesmith.loop.loop import TrainingDiverged
+    from tunesmith.loop.step import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match="stopped at step 3: 3 consecutive steps"):
         _note_updates(tmp_path, "ooo")
 
 
 def test_nonfinite_count_resets_on_a_good_update(tmp_path):
-    from tunesmith.loop.loop import TrainingDiverged
+    from tunesmith.loop.step import TrainingDiverged
 
     result, types = _note_updates(tmp_path, "nngnngnng", scaler=_FakeScaler())
     assert types == ["skipped"] * 6 and result.nonfinite_steps == 0

@@ -80,7 +80,7 @@ def test_trainable_parameter_counts(tiny_bert):
 def test_tied_weights_are_optimised_once():
     from transformers import BartConfig, BartForSequenceClassification
 
-    from tunesmith.loop.loop import optimizer_groups
+    from tunesmith.loop.optimizer import optimizer_groups
 
     model = BartForSequenceClassification(BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
                                                       encoder_attention_heads=2, decoder_attention_heads=2,

@@ -35,7 +35,8 @@ from tunesmith.runs.rundir import (
     finished_run_dir, run_state, save_config, write_json,
 )
 from tunesmith.tasks import Task, get_task
-from tunesmith.loop.loop import greater_is_better, run_evaluation, train_loop
+from tunesmith.loop.evaluation import greater_is_better, run_evaluation
+from tunesmith.loop.loop import train_loop
 
 log = logging.getLogger("tunesmith")
 distributed.import_deepspeed_only_when_used()

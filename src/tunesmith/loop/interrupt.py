@@ -55,3 +55,17 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def stopping_notice(signum: int) -> str:
+    return (f"{signal.Signals(signum).name} received: stopping after this step, once a checkpoint is written "
+            "(`tunesmith train --resume` continues from it); press Ctrl-C again to stop at once")
+
+
+def interrupt(signals: StopSignals, checkpoint_path, run_dir, global_step: int) -> None:
+    """Raise the stop, naming the checkpoint just written and the command that continues."""
+    signum = signals.received or signal.SIGTERM
+    raise TrainingInterrupted(
+        f"{signal.Signals(signum).name} received: stopped after step {global_step}, checkpoint written to "
+        f"'{checkpoint_path}'. Continue with: tunesmith train --resume {run_dir}", signum,
+    )

@@ -193,6 +193,10 @@ class Task(ABC):
     def default_metric(self, state: dict) -> tuple[str, bool]:
         """(metric name, greater is better) for best-model selection when the config names none."""
 
+    def summary_metrics(self, state) -> tuple[str, ...]:
+        """The metrics the loop's one-line evaluation summary shows after the best-model metric and the loss."""
+        return (self.default_metric(state)[0],)
+
     def after_training(self, cfg, state: dict, accumulator) -> dict:
         """Calibrate on validation outputs of the best model (e.g. tune a threshold); returns updated state."""
         return state

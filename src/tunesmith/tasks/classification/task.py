@@ -354,6 +354,10 @@ class ClassificationTask(Task):
     def default_metric(self, state: dict) -> tuple[str, bool]:
         return {"regression": ("mse", False), "multi_label": ("f1_micro", True)}.get(state.problem_type, ("accuracy", True))
 
+    def summary_metrics(self, state: ClassificationState) -> tuple[str, ...]:
+        return {"regression": ("mse", "pearson"), "multi_label": ("f1_micro", "f1_macro")}.get(
+            state.problem_type, ("accuracy", "f1_macro", "f1_micro"))
+
     def after_training(self, cfg: ClassificationTaskConfig, state: dict, accumulator: ScoreAccumulator) -> dict:
         if state.problem_type == "multi_label" and cfg.tune_threshold and accumulator.count:
             return dataclasses.replace(state, threshold=tune_threshold(accumulator.scores, accumulator.targets))

@@ -451,6 +451,9 @@ class QuestionAnsweringTask(Task):
     def default_metric(self, state: dict) -> tuple[str, bool]:
         return "f1", True
 
+    def summary_metrics(self, state: QuestionAnsweringState) -> tuple[str, ...]:
+        return "exact_match", "f1"
+
     def after_training(self, cfg: QuestionAnsweringTaskConfig, state: dict, accumulator: SpanAccumulator) -> dict:
         if state.version_2 and cfg.tune_null_threshold and accumulator.gold and accumulator.gold.answers:
             return dataclasses.replace(state, null_score_threshold=self._tuned(accumulator)[0])

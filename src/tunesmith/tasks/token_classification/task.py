@@ -467,6 +467,9 @@ class TokenClassificationTask(Task):
     def default_metric(self, state: dict) -> tuple[str, bool]:
         return ("accuracy", True) if state.scheme == "none" else ("f1", True)
 
+    def summary_metrics(self, state: TokenClassificationState) -> tuple[str, ...]:
+        return ("accuracy",) if state.scheme == "none" else ("precision", "recall", "f1")
+
     def input_columns(self, cfg: TokenClassificationTaskConfig) -> InputColumns:
         return InputColumns(cfg.text_column, tokens=cfg.tokens_column)  # texts give entity spans, token lists tags
 
