@@ -322,9 +322,9 @@ def test_fsdp2_sharded_weights_gather_and_restore_on_cpu(tiny_bert, tmp_path):
 def test_train_fsdp_under_deepspeed_is_refused():
     from types import SimpleNamespace
 
-    from tunesmith.api import _maybe_shard
+    from tunesmith.pipeline.model import maybe_shard
 
     accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
     cfg = SimpleNamespace(train=SimpleNamespace(fsdp=True))
     with pytest.raises(ConfigError, match="train.fsdp=true under DeepSpeed .*both shard the model"):
-        _maybe_shard(torch.nn.Linear(2, 2), cfg, accelerator, False, True, {})
+        maybe_shard(torch.nn.Linear(2, 2), cfg, accelerator, False, True, {})
