@@ -17,7 +17,7 @@ import yaml
 
 from tunesmith.config import RunConfig, parse_config
 from tunesmith.data.batching import eval_loader
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.errors import ConfigError
 from tunesmith.loop.checkpoint import Checkpoint
 from tunesmith.loop.interrupt import TrainingInterrupted

@@ -38,7 +38,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.speed.cpu import attention_kernel, math_attention_max_length
 from tunesmith.data.batching import padding_share
 from tunesmith.speed.embedding_rows import decay_unseen_rows
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.loop.checkpoint import Checkpoint, any_process, fsync_file, remove_partial, restore_checkpoint, restore_rng, save_checkpoint
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.loop.interrupt import StopSignals, TrainingInterrupted

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.config import RunConfig
 from tunesmith.errors import ConfigError
 from tunesmith.speed.performance import ThreadChoice, configure_threads

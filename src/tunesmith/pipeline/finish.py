@@ -11,7 +11,7 @@ import torch
 
 from tunesmith.config import RunConfig
 from tunesmith.data.splits import data_file_paths
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.loop.interrupt import StopSignals
 from tunesmith.loop.loop import run_evaluation
 from tunesmith.methods.apply import is_peft

@@ -12,7 +12,7 @@ import transformers
 
 from tunesmith.assets import resolve_model_path
 from tunesmith.config import ModelConfig, RunConfig
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.errors import ConfigError
 from tunesmith.methods.apply import apply_method, count_parameters
 from tunesmith.pipeline.devices import Devices

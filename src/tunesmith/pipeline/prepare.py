@@ -10,7 +10,7 @@ from typing import Any
 
 import transformers
 
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.assets import resolve_model_path
 from tunesmith.config import ModelConfig, RunConfig, coerce_config
 from tunesmith.data.splits import make_splits

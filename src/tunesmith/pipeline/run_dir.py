@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from tunesmith.config import RunConfig
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.loop.checkpoint import Checkpoint
 from tunesmith.loop.interrupt import TrainingInterrupted
