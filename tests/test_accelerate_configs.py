@@ -2,7 +2,7 @@
 
 What runs here (CPU, no GPU): `accelerate launch` with ddp_cpu.yaml and with fsdp.yaml on 2 gloo
 processes, each checked against a one-process run like tests/test_distributed.py (under fsdp.yaml
-tunesmith shards the model itself with torch's FSDP2, see `tunesmith.distributed.strategies`); FSDP2's
+tunesmith shards the model itself with torch's FSDP2, see `tunesmith.distributed`); FSDP2's
 in-place sharding of a tiny BERT on 2 gloo processes (torch alone) to check the gather/scatter of
 sharded weights. The GPU configs are checked as far as accelerate's own launch code takes them
 (arguments, environment, plugins) and tunesmith's refusal of what it cannot run.
@@ -25,7 +25,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import DistributedType
 
 from test_distributed import assert_matches_single_run, ddp_config, free_port, launch_env, single_and_ddp_config
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_deepspeed_on_cpu_gets_gloo_not_silently_ddp(name, monkeypatch):
         if key.startswith(("ACCELERATE_USE_", "FSDP_", "ACCELERATE_DEEPSPEED_")):
             monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: object())  # as if deepspeed were installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # as if deepspeed were installed
     built = {}
     monkeypatch.setattr("accelerate.Accelerator", lambda **kwargs: built.update(kwargs))
     api.make_accelerator("no")
@@ -162,7 +162,7 @@ def test_strategies():
     for name in ("deepspeed_zero2", "deepspeed_zero3"):
         if importlib.util.find_spec("deepspeed") is not None:
             distributed.check_launch_strategy(env(name))  # on CPU (gloo) and GPUs alike
-        with mock.patch.object(distributed.importlib.util, "find_spec", lambda name: None):
+        with mock.patch.object(importlib.util, "find_spec", lambda name: None):
             with pytest.raises(ConfigError, match="DeepSpeed, which is not installed; pip install deepspeed"):
                 distributed.check_launch_strategy(env(name))
 
@@ -322,9 +322,9 @@ def test_fsdp2_sharded_weights_gather_and_restore_on_cpu(tiny_bert, tmp_path):
 def test_train_fsdp_under_deepspeed_is_refused():
     from types import SimpleNamespace
 
-    from tunesmith.api import _maybe_shard
+    from tunesmith.pipeline.model import maybe_shard
 
     accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
     cfg = SimpleNamespace(train=SimpleNamespace(fsdp=True))
     with pytest.raises(ConfigError, match="train.fsdp=true under DeepSpeed .*both shard the model"):
-        _maybe_shard(torch.nn.Linear(2, 2), cfg, accelerator, False, True, {})
+        maybe_shard(torch.nn.Linear(2, 2), cfg, accelerator, False, True, {})

@@ -100,7 +100,7 @@ def test_two_processes_match_one(tmp_path):
 
 _GROUP = """
 import os, torch.distributed as dist
-from tunesmith.distributed.strategies import end_process_group
+from tunesmith.distributed import end_process_group
 end_process_group()  # no group: nothing to do
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
 work = dist.all_reduce(__import__("torch").ones(4), async_op=True)

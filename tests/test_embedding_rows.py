@@ -148,7 +148,7 @@ def test_a_run_is_bit_identical_and_saves_a_plain_model(tiny_bert, tmp_path):
 
 
 def test_checkpoints_keep_the_unseen_rows(tiny_bert, tmp_path):
-    from tunesmith.distributed import strategies as distributed
+    from tunesmith import distributed
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     train_seen_rows_only(model, [torch.arange(5, 40).numpy()])

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import tunesmith
 from tiny import sentiment_rows, tiny_config, write_csv
-from tunesmith import api
+from tunesmith import pipeline
 from tunesmith.cli import app
 from tunesmith.loop.interrupt import TrainingInterrupted
 from tunesmith.runs.rundir import REPLACED, RUN_MARKER
@@ -71,7 +71,7 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_has_saved(finished, 
     def stop_at_once(*args, **kwargs):
         raise KeyboardInterrupt  # what a second Ctrl-C raises
 
-    monkeypatch.setattr(api, "run_evaluation", stop_at_once)
+    monkeypatch.setattr(pipeline.finish, "run_evaluation", stop_at_once)
     with pytest.raises(TrainingInterrupted) as caught:
         tunesmith.train(cfg, show_progress=False, overwrite=True)
     (message,) = caught.value.problems
@@ -97,7 +97,7 @@ def test_a_failed_overwrite_puts_the_previous_run_back_and_says_so(finished, tin
     def full_disk(*args, **kwargs):
         raise ResourceError("disk full (simulated)")
 
-    monkeypatch.setattr(api, "_write_run", full_disk)
+    monkeypatch.setattr(pipeline.finish, "write_run", full_disk)
     with pytest.raises(ResourceError) as caught:
         tunesmith.train(_config(tiny_bert, tmp_path, run_dir), show_progress=False, overwrite=True)
     assert caught.value.problems[-1].startswith(f"--overwrite: the previous run in '{run_dir}' is back as it was")
@@ -140,7 +140,7 @@ def test_demo_never_replaces_an_earlier_demo_without_overwrite(finished, tmp_pat
 
 
 def test_ctrl_c_while_saving_is_acknowledged_and_the_run_still_saves(tiny_bert, tmp_path, monkeypatch, capfd):
-    real = api.run_evaluation
+    real = pipeline.finish.run_evaluation
     sent = []
 
     def evaluation_with_ctrl_c(*args, **kwargs):
@@ -149,7 +149,7 @@ def test_ctrl_c_while_saving_is_acknowledged_and_the_run_still_saves(tiny_bert, 
             os.kill(os.getpid(), signal.SIGINT)  # handled at once, by the handler of the saving phase
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "run_evaluation", evaluation_with_ctrl_c)
+    monkeypatch.setattr(pipeline.finish, "run_evaluation", evaluation_with_ctrl_c)
     result = tunesmith.train(_config(tiny_bert, tmp_path, tmp_path / "run"), show_progress=False)
     assert sent and (result.run_dir / "metrics.json").exists()
     assert "stopping: training has finished and the run is being evaluated and saved" in capfd.readouterr().err
@@ -159,7 +159,7 @@ def test_a_double_ctrl_c_while_saving_leaves_a_resumable_run(tiny_bert, tmp_path
     def stop_at_once(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "run_evaluation", stop_at_once)
+    monkeypatch.setattr(pipeline.finish, "run_evaluation", stop_at_once)
     cfg = _config(tiny_bert, tmp_path, tmp_path / "run")
     with pytest.raises(TrainingInterrupted) as caught:
         tunesmith.train(cfg, show_progress=False)
@@ -179,12 +179,12 @@ def test_ctrl_c_before_training_leaves_nothing_behind(tiny_bert, tmp_path, monke
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "train_loop", interrupted)  # after the run directory was made
+    monkeypatch.setattr(pipeline.fit, "train_loop", interrupted)  # after the run directory was made
     with pytest.raises(TrainingInterrupted) as caught:
         tunesmith.train(_config(tiny_bert, tmp_path, tmp_path / "run"), show_progress=False)
     assert caught.value.problems[0].startswith("stopped (Ctrl-C) before the run's first checkpoint, so nothing was kept")
     assert not (tmp_path / "run").exists()  # so the same command simply runs again
-    monkeypatch.setattr(api, "load_model", interrupted)  # before it was made
+    monkeypatch.setattr(pipeline.model, "load_model", interrupted)  # before it was made
     with pytest.raises(TrainingInterrupted, match="before training started; nothing was written"):
         tunesmith.train(_config(tiny_bert, tmp_path, tmp_path / "run"), show_progress=False)
     assert not (tmp_path / "run").exists()

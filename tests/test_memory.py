@@ -175,20 +175,20 @@ def test_estimate_matches_the_peak_rss_of_a_real_run(tmp_path):
         f"""
         import json, random, resource
         import pandas as pd, psutil
-        import tunesmith, tunesmith.api as api
+        import tunesmith, tunesmith.pipeline.model as phase
         words = "the film was good bad great awful story plot acting music scene".split()
         rng = random.Random(0)
         rows = [{{"text": " ".join(rng.choice(words) for _ in range(600)), "label": i % 2}} for i in range(80)]
         pd.DataFrame(rows).to_csv({str(tmp_path / "train.csv")!r}, index=False)
         seen = {{}}
-        check = api.check_memory
+        check = phase.check_memory
         def spy(model, cfg, precision, data, device=None):
             seen["rss"] = psutil.Process().memory_info().rss
             from tunesmith.speed.memory import estimate_training_memory
             seen["estimate"] = estimate_training_memory(model, batch_size=16, seq_len=256, eval_batch_size=64,
                                                         heap_reuse=cfg.train.cpu.reuse_freed_memory).training
             return check(model, cfg, precision, data, device)
-        api.check_memory = spy
+        phase.check_memory = spy
         tunesmith.train({{"data": {{"train_file": {str(tmp_path / "train.csv")!r}, "max_eval_samples": 32}},
                           "task": {{"max_length": 256}}, "output": {{"dir": {str(tmp_path / "run")!r}}},
                           "train": {{"per_device_train_batch_size": 16, "max_steps": 3, "eval_strategy": "no", "precision": "fp32"}}}},

@@ -121,7 +121,7 @@ def test_each_key_turns_its_own_trick_off(tiny_bert, libc):
 
 
 def test_the_allocator_setting_is_undone_when_a_run_fails(tiny_bert, tmp_path, monkeypatch, libc):
-    import tunesmith.api as api
+    from tunesmith import pipeline
 
     class Boom(Exception):
         pass
@@ -129,7 +129,7 @@ def test_the_allocator_setting_is_undone_when_a_run_fails(tiny_bert, tmp_path, m
     def failing_loop(**kwargs):
         raise Boom()
 
-    monkeypatch.setattr(api, "train_loop", failing_loop)
+    monkeypatch.setattr(pipeline.fit, "train_loop", failing_loop)
     write_csv(tmp_path / "train.csv", sentiment_rows(16))
     with pytest.raises(Boom):
         tunesmith.train(tiny_config(tiny_bert, tmp_path / "train.csv", tmp_path / "run"), show_progress=False)

@@ -189,7 +189,7 @@ def train(
     _setup_logging()
     from tunesmith import api
 
-    from tunesmith.distributed.strategies import end_process_group
+    from tunesmith.distributed import end_process_group
 
     try:
         result = api.train(config, overrides or [], show_progress=not quiet, resume=resume, overwrite=overwrite)

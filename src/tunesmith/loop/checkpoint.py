@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.apply import parameter_shape
 

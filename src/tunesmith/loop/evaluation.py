@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.errors import ConfigError
 from tunesmith.loop.checkpoint import any_process, fsync_file
 from tunesmith.loop.state import LoopResult

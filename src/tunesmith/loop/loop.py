@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from tunesmith.config import TrainConfig
 from tunesmith.data.batching import padding_share
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.loop.cadence import Cadence, Checkpointer, ResumableBatches
 from tunesmith.loop.checkpoint import Checkpoint, any_process, remove_partial, restore_checkpoint
 from tunesmith.loop.evaluation import BestModel, restore_best

@@ -28,7 +28,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from tunesmith.config import TrainConfig
-from tunesmith.distributed import strategies as distributed
+from tunesmith import distributed
 from tunesmith.errors import TunesmithError
 from tunesmith.loop.state import LoopResult
 from tunesmith.runs.rundir import JsonlLog

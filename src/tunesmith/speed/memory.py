@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import ResourceError
-from tunesmith.distributed.strategies import requested_strategy
+from tunesmith.distributed import requested_strategy
 from tunesmith.methods.apply import parameter_numel, transformers_model
 from tunesmith.speed.performance import local_processes
 

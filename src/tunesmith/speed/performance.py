@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from tunesmith.distributed.strategies import requested_strategy
+from tunesmith.distributed import requested_strategy
 from tunesmith.errors import ConfigError
 from tunesmith.methods.apply import transformers_model
 from tunesmith.speed import cpu
