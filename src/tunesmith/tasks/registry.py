@@ -35,13 +35,16 @@ class Family:
     task: str  # "tunesmith.tasks.classification.task:ClassificationTask", imported on first use
     predict_options: tuple[PredictOption, ...] = ()
     demo: str | None = None  # "module:function" that `tunesmith demo` runs (the first registered family with one)
+    # "module:function" returning the family's `tasks.contract.ContractExamples`: with it, the contract suite
+    # (tests/contract/) runs for the family
+    examples: str | None = None
 
     def __post_init__(self) -> None:
         named = self.config.model_fields["name"].default
         if named != self.name:
             raise ValueError(f"task family '{self.name}': its config {self.config.__name__} has name default {named!r}; "
                              f"expected name: Literal[{self.name!r}] = {self.name!r}")
-        for field, value in (("task", self.task), ("demo", self.demo)):
+        for field, value in (("task", self.task), ("demo", self.demo), ("examples", self.examples)):
             if value is not None and ":" not in value:
                 raise ValueError(f"task family '{self.name}': {field} {value!r}; expected 'module:name'")
 
