@@ -68,22 +68,30 @@ class ResumableBatches:
                 self.generator.set_state(torch.tensor(result.epoch_sampler_state, dtype=torch.uint8))
             result.epoch_sampler_state = self.generator.get_state().tolist()
         result.batches_in_epoch = 0
+        if self.resume is not None and skip == 0:
+            # Written between epochs: before this epoch's iterator started, which draws from the global RNG.
+            self._restore_rng(skip)
         for batch in self.loader:
             result.batches_in_epoch += 1
             if result.batches_in_epoch <= skip:
                 continue  # trained on before the checkpoint
             if self.resume is not None:
-                # Starting the loader's iterator draws from the global RNG, so the checkpoint's RNG states
-                # are set only now, right before the first new batch: dropout then matches.
-                restore_rng(self.resume, self.accelerator.process_index)
-                self.accelerator.step = skip
-                self.resume = None
+                # Written mid-epoch, after the iterator had started (drawing from the global RNG): the
+                # checkpoint's RNG states are set only now, right before the first new batch, so dropout matches.
+                self._restore_rng(skip)
             yield batch
 
-    @staticmethod
-    def end_epoch(result: LoopResult, steps_per_epoch: int) -> None:
+    def _restore_rng(self, skip: int) -> None:
+        restore_rng(self.resume, self.accelerator.process_index)
+        self.accelerator.step = skip
+        self.resume = None
+
+    def end_epoch(self, result: LoopResult, steps_per_epoch: int) -> None:
         result.epoch += 1
-        result.batches_in_epoch, result.epoch_sampler_state = 0, None  # the next epoch starts from the sampler's state
+        result.batches_in_epoch = 0
+        # The sampler's state the next epoch starts from: a run resumed between epochs starts a new process,
+        # whose generator would otherwise replay the first epoch's order.
+        result.epoch_sampler_state = None if self.generator is None else self.generator.get_state().tolist()
         result.epochs_completed = min(result.epoch, result.global_step / steps_per_epoch)
 
 

@@ -127,7 +127,7 @@ def train_loop(
                 if (evaluated or cadence.save_due(result.global_step)) and not last_batch:
                     saver.save(result)
                 stop_if_asked(last_batch)
-            ResumableBatches.end_epoch(result, cadence.steps_per_epoch)
+            batches.end_epoch(result, cadence.steps_per_epoch)
             if best is not None and not result.stopped_early and cadence.eval_at_epoch_end(result):
                 result.stopped_early = best.evaluate(result, float(result.epoch))
             if not result.stopped_early and not cadence.done(result):
