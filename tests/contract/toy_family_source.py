@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from tunesmith.config.task_base import TaskConfigBase
-from tunesmith.tasks.contract import ContractExamples, tiny_checkpoint, write_jsonl
+from tunesmith.tasks.contract import ContractExamples, data_section, tiny_checkpoint, write_jsonl
 from tunesmith.tasks.registry import Family
 
 
@@ -150,8 +150,7 @@ def _rows(n: int) -> list[dict]:
 
 def _data(folder: Path) -> dict:
     rows = _rows(16)
-    return {"train_file": str(write_jsonl(folder / "train.jsonl", rows)),
-            "validation_file": str(write_jsonl(folder / "validation.jsonl", rows[:8]))}
+    return data_section(folder, rows, rows[:8])
 
 
 def _bad_data(folder: Path) -> dict:

@@ -203,7 +203,11 @@ class TrainConfig(Section):
     max_steps: int = Field(-1, description="If > 0, total optimizer steps; overrides `num_train_epochs`.")
     per_device_train_batch_size: int = Field(32, gt=0)
     per_device_eval_batch_size: int = Field(64, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(
+        1, gt=0,
+        description="Micro-batches per optimizer step; the loss is averaged over every example (or target token) of "
+                    "the step, so 8 x 2 trains as 16 x 1 (DeepSpeed: each micro-batch's own mean).",
+    )
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     warmup_steps: int = Field(
         0, ge=0,
@@ -358,14 +362,9 @@ def set_task_configs(configs: list[type[TaskConfigBase]]) -> None:
     RunConfig.model_rebuild(force=True)
 
 
-# Names that lived here before config/ was split by role, for code written against the old layout (branches
-# in flight): the loading and reference functions, and the built-in task sections, now in their families.
-_MOVED = {
-    "ClassificationTaskConfig": "tunesmith.tasks.classification.config",
-    "TokenClassificationTaskConfig": "tunesmith.tasks.token_classification.config",
-    "QuestionAnsweringTaskConfig": "tunesmith.tasks.question_answering.config",
-    "config_reference": "tunesmith.config.reference",
-}
+# Names that lived here before config/ was split by role, for code written against the old layout: the
+# loading and reference functions. (A family's task section is imported from its own folder.)
+_MOVED = {"config_reference": "tunesmith.config.reference"}
 _LOADING = {"apply_overrides", "coerce_config", "dump_config", "load_config", "parse_config", "read_yaml", "MAX_CONFIG_BYTES"}
 
 

@@ -53,3 +53,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def data_section(folder: Path, train: list[dict], validation: list[dict], stem: str = "") -> dict:
+    """Writes train and validation rows as JSONL files into `folder`; returns the config's data section."""
+    return {"train_file": str(write_jsonl(folder / f"{stem}train.jsonl", train)),
+            "validation_file": str(write_jsonl(folder / f"{stem}validation.jsonl", validation))}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.tasks.contract import ContractExamples, tiny_checkpoint, write_jsonl
+from tunesmith.tasks.contract import ContractExamples, data_section, tiny_checkpoint, write_jsonl
 
 POSITIVE, NEGATIVE = ["good", "great", "lovely", "superb"], ["bad", "awful", "dull", "boring"]
 FILLER = ["the", "film", "was", "really", "plot", "and"]
@@ -21,8 +21,7 @@ def _rows(n: int) -> list[dict]:
 
 def _data(folder: Path) -> dict:
     rows = _rows(16)
-    return {"train_file": str(write_jsonl(folder / "train.jsonl", rows)),
-            "validation_file": str(write_jsonl(folder / "validation.jsonl", rows[:8]))}
+    return data_section(folder, rows, rows[:8])
 
 
 def _bad_data(folder: Path) -> dict:

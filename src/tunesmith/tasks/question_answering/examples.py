@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.tasks.contract import ContractExamples, tiny_checkpoint, write_jsonl
+from tunesmith.tasks.contract import ContractExamples, data_section, tiny_checkpoint
 
 PEOPLE, PLACES = ["chen", "maria", "elena"], ["paris", "lagos", "oslo"]
 WORDS = ["lives", "in", "who", "where", "does", "live", "?", "."]
@@ -23,14 +23,13 @@ def _rows(n: int) -> list[dict]:
 
 def _data(folder: Path) -> dict:
     rows = _rows(12)
-    return {"train_file": str(write_jsonl(folder / "train.jsonl", rows)),
-            "validation_file": str(write_jsonl(folder / "validation.jsonl", rows[:6]))}
+    return data_section(folder, rows, rows[:6])
 
 
 def _bad_data(folder: Path) -> dict:
     rows = _rows(6)
     rows[1]["answers"]["answer_start"] = [99]  # past the end of its context
-    return {"train_file": str(write_jsonl(folder / "bad.jsonl", rows)), "validation_file": str(write_jsonl(folder / "bad-val.jsonl", rows))}
+    return data_section(folder, rows, rows, stem="bad-")
 
 
 def contract_examples() -> ContractExamples:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.tasks.contract import ContractExamples, tiny_checkpoint, write_jsonl
+from tunesmith.tasks.contract import ContractExamples, data_section, tiny_checkpoint
 
 PEOPLE, PLACES = ["chen", "maria", "elena"], ["paris", "lagos", "oslo"]
 TEMPLATES = [["PER", "lives", "in", "LOC"], ["the", "film", "by", "PER", "is", "about", "LOC"], ["a", "story", "about", "PER"]]
@@ -24,14 +24,13 @@ def _rows(n: int) -> list[dict]:
 
 def _data(folder: Path) -> dict:
     rows = _rows(12)
-    return {"train_file": str(write_jsonl(folder / "train.jsonl", rows)),
-            "validation_file": str(write_jsonl(folder / "validation.jsonl", rows[:6]))}
+    return data_section(folder, rows, rows[:6])
 
 
 def _bad_data(folder: Path) -> dict:
     rows = _rows(6)
     rows[2]["tags"] = rows[2]["tags"][:-1]  # one tag fewer than tokens
-    return {"train_file": str(write_jsonl(folder / "bad.jsonl", rows)), "validation_file": str(write_jsonl(folder / "bad-val.jsonl", rows))}
+    return data_section(folder, rows, rows, stem="bad-")
 
 
 def contract_examples() -> ContractExamples:
