@@ -273,7 +273,7 @@ def test_nan_loss_inside_an_accumulation_window_skips_its_update(tiny_bert, sent
 
 
 class _CountingAccelerator:
-    """Two processes as far as `_LossWindow` asks: counts the all-reduces (each returns its input)."""
+    """Two processes as far as `LossWindow` asks: counts the all-reduces (each returns its input)."""
 
     num_processes = 2
 
