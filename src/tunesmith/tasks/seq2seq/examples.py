@@ -138,7 +138,8 @@ def build_t5(folder: Path) -> Path:
     fast = _fast(tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                  extra_special_tokens=sentinels[::-1])
     config = T5Config(vocab_size=len(fast), d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_layers=LAYERS,
-                      num_decoder_layers=LAYERS, dropout_rate=DROPOUT, num_heads=HEADS, relative_attention_num_buckets=8,
+                      num_decoder_layers=LAYERS, dropout_rate=DROPOUT, num_heads=HEADS,
+                      relative_attention_num_buckets=8,
                       pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
                       decoder_start_token_id=fast.pad_token_id)
     torch.manual_seed(0)
@@ -151,12 +152,13 @@ def build_bart(folder: Path) -> Path:
     from transformers import BartConfig, BartForConditionalGeneration
 
     tok = _byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")),
-                                                      add_prefix_space=False)
+    tok.post_processor = processors.RobertaProcessing(
+        ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), add_prefix_space=False)
     fast = _fast(tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
                  pad_token="<pad>", mask_token="<mask>")
     config = BartConfig(vocab_size=len(fast), d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
-                        dropout=DROPOUT, init_std=BART_INIT_STD, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
+                        dropout=DROPOUT, init_std=BART_INIT_STD, encoder_attention_heads=HEADS,
+                        decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
                         decoder_ffn_dim=FFN, max_position_embeddings=POSITIONS, pad_token_id=fast.pad_token_id,
                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
                         decoder_start_token_id=fast.eos_token_id, forced_eos_token_id=fast.eos_token_id)
@@ -179,7 +181,8 @@ def build_marian(folder: Path) -> Path:
     tok.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])  # Marian's pad is the last id
     fast = _fast(tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
     config = MarianConfig(vocab_size=len(fast), d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
-                          dropout=DROPOUT, init_std=MARIAN_INIT_STD, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
+                          dropout=DROPOUT, init_std=MARIAN_INIT_STD, encoder_attention_heads=HEADS,
+                          decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
                           decoder_ffn_dim=FFN, max_position_embeddings=POSITIONS, pad_token_id=fast.pad_token_id,
                           eos_token_id=fast.eos_token_id, decoder_start_token_id=fast.pad_token_id,
                           forced_eos_token_id=fast.eos_token_id)
