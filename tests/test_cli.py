@@ -151,7 +151,7 @@ def test_config_init_validate_show(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert text.startswith("# tunesmith run config")
     written = yaml.safe_load(text)
-    assert set(written) == {"model", "data", "task", "method", "train", "output"}
+    assert set(written) == {"model", "data", "task", "method", "train", "generation", "output"}
     assert written["data"]["train_file"] == "train.csv"
 
     result = invoke("config", "init", str(path))

@@ -21,7 +21,7 @@ from tunesmith.cli import app
 from tunesmith.config import RunConfig, TrainConfig, load_config, parse_config
 from tunesmith.errors import ConfigError
 
-SECTIONS = "model, data, task, method, train, output"
+SECTIONS = "model, data, task, method, train, generation, output"
 
 
 def write(tmp_path: Path, content: str | bytes, name: str = "cfg.yaml") -> Path:
@@ -344,7 +344,7 @@ def test_pipeline_names_live_on_the_task_classes():
     from tunesmith.config import task_configs
     from tunesmith.tasks.classification.config import ClassificationTaskConfig
 
-    assert {m.pipeline_tag for m in task_configs()} == {"text-classification", "token-classification", "question-answering"}
+    assert {m.pipeline_tag for m in task_configs()} == {"text-classification", "token-classification", "question-answering", "text2text-generation"}
     assert "pipeline_tag" not in ClassificationTaskConfig.model_fields  # not a config key
 
 

@@ -29,6 +29,7 @@ DOC_PAGES = [
     "docs/tasks/classification.md",
     "docs/tasks/token-classification.md",
     "docs/tasks/question-answering.md",
+    "docs/tasks/seq2seq.md",
 ]
 
 

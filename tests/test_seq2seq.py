@@ -142,6 +142,8 @@ def test_generation_overrides_per_call(trained):
     result = CliRunner().invoke(app, ["predict", str(trained), "--text", "one red cat", "--max-new-tokens", "1", "--num-beams", "1"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["generated_text"] == short
+    piped = CliRunner().invoke(app, ["predict", str(trained), "--max-new-tokens", "1"], input="one red cat dog\n")
+    assert piped.exit_code == 0 and json.loads(piped.output.strip().splitlines()[-1])["generated_text"] == short
     with pytest.raises(ConfigError, match="temprature: not a generation setting"):
         loaded.predict(["one"], temprature=0.5)
     bad = CliRunner().invoke(app, ["predict", str(trained), "--text", "one", "--num-beams", "zero"])
@@ -200,7 +202,7 @@ def test_label_smoothing_raises_the_loss_and_is_refused_where_ignored(encoder, t
 
 def test_warm_start_special_tokens_and_labels(encoder):
     tokenizer = transformers.AutoTokenizer.from_pretrained(encoder)
-    model = models.load_seq2seq(str(encoder), False)
+    model = models.load_seq2seq(str(encoder))
     models.set_special_tokens(model, tokenizer, None)
     assert (model.config.decoder_start_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
         tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
@@ -218,7 +220,7 @@ def test_frozen_trains_the_decoder_only(encoder, tmp_path):
     before = transformers.AutoModel.from_pretrained(encoder).state_dict()
     after = transformers.AutoModelForSeq2SeqLM.from_pretrained(run.run_dir / "model")
     assert all(torch.equal(before[k], v) for k, v in after.encoder.state_dict().items() if k in before)
-    decoder_before = models.load_seq2seq(str(encoder), False).decoder.state_dict()
+    decoder_before = models.load_seq2seq(str(encoder)).decoder.state_dict()
     changed = [k for k, v in after.decoder.state_dict().items() if not torch.equal(decoder_before[k], v)]
     assert any("crossattention" in k for k in changed) and any(".layer.1." in k for k in changed)
 
@@ -228,3 +230,35 @@ def test_adapters_train_the_new_cross_attention_whole(encoder, tmp_path):
     adapter = json.loads((run.run_dir / "adapter" / "adapter_config.json").read_text())
     assert "crossattention.self.query" in adapter["modules_to_save"]
     assert not any("crossattention" in t for t in adapter["target_modules"])
+
+
+def test_two_processes_generate_each_example_once(tmp_path):
+    """DDP: each process generates its share and decodes it; the gathered text covers every validation example
+    once (8 examples in global batches of 2 x 3: the last one padded with repeats, which are dropped)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tunesmith.tasks.seq2seq import examples
+
+    model = examples.build_bart(tmp_path / "bart")
+    data = examples._data(tmp_path)
+
+    def cfg(out: str, per_device: int) -> dict:
+        return {"model": {"name_or_path": str(model)}, "data": data, "task": examples.TASK,
+                "train": {"learning_rate": 5e-3, "num_train_epochs": 2, "per_device_train_batch_size": per_device,
+                          "per_device_eval_batch_size": 3, "seed": 0, "precision": "fp32"},
+                "output": {"dir": str(tmp_path / out)}}
+
+    single = tunesmith.train(cfg("single", 8), show_progress=False)
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg("ddp", 4)))
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(tmp_path / "ddp.yaml"), "--nproc", "2", "--quiet"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = lambda run: (run / "validation_generated_predictions.jsonl").read_text().splitlines()
+    assert len(lines(tmp_path / "ddp")) == len(lines(single.run_dir)) == 8
+    assert [json.loads(x)["source"] for x in lines(tmp_path / "ddp")] == [json.loads(x)["source"] for x in lines(single.run_dir)]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["validation"]
+    assert ddp["samples"] == 8 and abs(ddp["loss"] - single.metrics["validation"]["loss"]) < 1e-4

@@ -70,6 +70,14 @@ _FOREIGN_KEYS: dict[str, str] = {
     "max_seq_length": "task.max_length",
     "max_predict_samples": "data.max_eval_samples",
     "pad_to_max_length": "each batch is padded to its longest sequence, never to task.max_length; remove it",
+    # run_summarization.py / run_translation.py / Seq2SeqTrainingArguments
+    "predict_with_generate": "seq2seq evaluation always generates (settings in the generation section); remove it",
+    "generation_max_length": "generation.max_new_tokens",
+    "generation_num_beams": "generation.num_beams",
+    "summary_column": "task.target_column",
+    "val_max_target_length": "validation targets are scored untruncated (task.max_target_length limits training "
+    "targets, generation.max_new_tokens the outputs); remove it",
+    "ignore_pad_token_for_loss": "labels are always padded with -100, which the loss ignores; remove it",
     "cache_dir": "models and datasets are cached where Hugging Face caches them (the HF_HOME environment variable); remove it",
 }
 

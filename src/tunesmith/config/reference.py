@@ -3,6 +3,7 @@ section, the task section once per registered family, the method section once pe
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel
 
 from tunesmith.config.loading import pipeline_names
 from tunesmith.config.schema import (
+    GenerationSection,
     METHODS, SCHEMA_VERSION, DataConfig, ModelConfig, OutputConfig, TrainConfig, task_configs,
 )
 
@@ -33,10 +35,11 @@ def config_reference() -> str:
         *((f"task (name: {m.model_fields['name'].default})", m) for m in task_configs()),
         *((f"method (name: {m.model_fields['name'].default})", m) for m in METHODS),
         ("train", TrainConfig),
+        ("generation", GenerationSection),
         ("output", OutputConfig),
     ]
     for title, model in sections:
-        lines += [f"## `{title}`", "", (model.__doc__ or "").strip(), "", "| key | type | default | description |", "|---|---|---|---|"]
+        lines += [f"## `{title}`", "", inspect.cleandoc(model.__doc__ or ""), "", "| key | type | default | description |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             kind = _type_name(field.annotation) + _constraints(field.metadata)
             cells = [f"`{name}`", f"`{kind}`", f"`{field.default!r}`", field.description or ""]

@@ -114,10 +114,11 @@ def _freeze_all_but_head(model: nn.Module, heads: list[str]) -> None:
     model.requires_grad_(False)
     for name in heads:  # top-level children, or dotted paths (a seq2seq model's decoder: `model.decoder`)
         model.get_submodule(name).requires_grad_(True)
-    # A head that reads the input embedding (a decoder sharing the encoder's vocabulary table) must not train
-    # it: the frozen encoder's inputs would change under it.
+    # A head that shares the input embedding with a frozen part (a decoder reading the encoder's vocabulary
+    # table) must not train it: the frozen encoder's inputs would change under it.
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None:
+    paths = [name for name, module in model.named_modules(remove_duplicate=False) if module is embeddings]
+    if any(not any(path == h or path.startswith(h + ".") for h in heads) for path in paths):
         embeddings.requires_grad_(False)
     # A frozen encoder is a fixed feature extractor: keep it in eval mode (no dropout) even while the
     # head trains, so each example's features never change — which is what lets `features.cache_body`

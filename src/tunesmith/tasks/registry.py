@@ -35,8 +35,8 @@ class Family:
     task: str  # "tunesmith.tasks.classification.task:ClassificationTask", imported on first use
     predict_options: tuple[PredictOption, ...] = ()
     demo: str | None = None  # "module:function" that `tunesmith demo` runs (the first registered family with one)
-    # "module:function" returning the family's `tasks.contract.ContractExamples`: with it, the contract suite
-    # (tests/contract/) runs for the family
+    # "module:function" returning the family's `tasks.contract.ContractExamples` (or a dict of them by variant,
+    # e.g. one per architecture): with it, the contract suite (tests/contract/) runs for the family (each variant)
     examples: str | None = None
 
     def __post_init__(self) -> None:

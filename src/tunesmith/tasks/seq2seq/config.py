@@ -34,10 +34,6 @@ class Seq2SeqTaskConfig(TaskConfigBase):
     max_length: int = Field(
         DEFAULT_SOURCE_LENGTH, gt=1, description="The same as `max_source_length` (set that one); shared code reads this name."
     )
-    tie_encoder_decoder: bool = Field(
-        False, description="Warm-started encoder-decoder (bert2bert from an encoder checkpoint): share the encoder's and "
-        "decoder's weights (half the parameters)."
-    )
 
     @model_validator(mode="before")
     @classmethod

@@ -26,7 +26,7 @@ log = logging.getLogger("tunesmith")
 WARM_STARTED = "encoder-decoder"  # the model_type of EncoderDecoderModel
 
 
-def load_seq2seq(source: str, tie_encoder_decoder: bool, **kwargs) -> torch.nn.Module:
+def load_seq2seq(source: str, **kwargs) -> torch.nn.Module:
     """A seq2seq checkpoint as it is; an encoder-only checkpoint (BERT, MiniLM) warm-started as an
     `EncoderDecoderModel` whose decoder is the same checkpoint with causal masks and new cross-attention."""
     config = AutoConfig.from_pretrained(source, revision=kwargs.get("revision"),
@@ -36,14 +36,12 @@ def load_seq2seq(source: str, tie_encoder_decoder: bool, **kwargs) -> torch.nn.M
     shared = {k: kwargs[k] for k in ("revision", "trust_remote_code", "dtype", "use_safetensors") if k in kwargs}
     sides = {f"{side}_{k}": v for side in ("encoder", "decoder") for k, v in shared.items()}
     log.info("model.name_or_path: %s is a %s encoder; warm-starting an encoder-decoder from it (bert2bert): the decoder's "
-             "cross-attention is new and trains from scratch%s", source, config.model_type,
-             "; encoder and decoder share weights" if tie_encoder_decoder else "")
+             "cross-attention is new and trains from scratch", source, config.model_type)
     # transformers prints a table of every new cross-attention weight as a warning; the line above says it once.
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        return EncoderDecoderModel.from_encoder_decoder_pretrained(source, source, tie_encoder_decoder=tie_encoder_decoder,
-                                                                   **sides)
+        return EncoderDecoderModel.from_encoder_decoder_pretrained(source, source, **sides)
     finally:
         transformers_logging.set_verbosity(verbosity)
 

@@ -147,7 +147,7 @@ class Seq2SeqTask(Task):
         return {}
 
     def load_pretrained(self, cfg: Seq2SeqTaskConfig, source: str, **kwargs):
-        return models.load_seq2seq(source, cfg.tie_encoder_decoder, **kwargs)
+        return models.load_seq2seq(source, **kwargs)
 
     def configure_model(self, model, tokenizer, cfg, state: Seq2SeqState) -> None:
         models.set_special_tokens(model, tokenizer, state.target_lang)
