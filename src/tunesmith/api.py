@@ -88,12 +88,12 @@ def _train(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, cleanup
     pipeline.run_dir.open_run_dir(cfg, run_dir, checkpoint, accelerator, cleanup, new_run)  # only now does it appear
     fitted = pipeline.fit.fit(cfg, data, hardware, built, encoded, run_dir, checkpoint, show_progress)
     pipeline.finish.keep_saving_on_ctrl_c(cleanup, accelerator)
-    state, metrics = pipeline.finish.final_metrics(cfg, data, hardware, built.model, fitted)
+    state, metrics, outputs = pipeline.finish.final_metrics(cfg, data, hardware, built.model, fitted)
     plain = pipeline.finish.plain_trained_model(built.model, fitted.skeleton, accelerator)
     if accelerator.is_main_process:  # one writer: under DDP the model and files are written once
         precision = {"choice": hardware.precision.precision, "reason": hardware.precision.reason}
         pipeline.finish.write_run(run_dir, plain, data.tokenizer, cfg, data.task, state, metrics, precision, warnings,
-                                  data.notes, built.parameters, built.speed)
+                                  data.notes, built.parameters, built.speed, outputs)
         new_run.saved = True
         drop_previous_run(run_dir)  # an --overwrite's previous run goes only now that the new one has saved
     accelerator.wait_for_everyone()
@@ -136,8 +136,10 @@ def load(run_dir: str | os.PathLike) -> LoadedRun:
         else:
             import peft
 
-            base = load_model(cfg.model, task, state, tokenizer)
+            base = load_model(cfg, task, state, tokenizer)
             model = peft.PeftModel.from_pretrained(base, run_dir / "adapter")
+        if (model_dir / "generation_config.json").exists():  # the run's generation settings, adapter runs included
+            model.generation_config = transformers.GenerationConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as err:  # a damaged or half-copied model folder
         raise ConfigError(
             f"'{model_dir}': cannot load the saved model ({type(err).__name__}: {str(err).splitlines()[0][:200]}); expected "
@@ -168,5 +170,6 @@ def evaluate(run_dir: str | os.PathLike | LoadedRun, data: str | os.PathLike, ba
     loader = eval_loader(dataset, loaded.tokenizer, batch_size, loaded.task.collator(loaded.tokenizer, loaded.model))
     references = loaded.task.references(loaded.config.task, table, loaded.state)
     with first_token_only(loaded.model, loaded.task.sequence_head):
-        metrics, _ = run_evaluation(loaded.model, loader, loaded.task, loaded.state, loss_fn, make_accelerator("no"), references)
+        metrics, _ = run_evaluation(loaded.model, loader, loaded.task, loaded.state, loss_fn, make_accelerator("no"), references,
+                                    loaded.tokenizer)
     return metrics

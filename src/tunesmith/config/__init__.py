@@ -15,6 +15,7 @@ from tunesmith.config.schema import (
     DoraMethodConfig,
     FrozenMethodConfig,
     FullMethodConfig,
+    GenerationSection,
     IA3MethodConfig,
     LastNMethodConfig,
     LoraMethodConfig,
@@ -44,7 +45,7 @@ from tunesmith.config.reference import config_reference
 
 __all__ = [
     "DEFAULT_MODEL", "LEGACY_METHOD_DEFAULTS", "MAX_CONFIG_BYTES", "METHOD_CONFIGS", "METHODS", "SCHEMA_VERSION",
-    "AdapterMethodConfig", "CpuConfig", "DataConfig", "DoraMethodConfig", "FrozenMethodConfig", "FullMethodConfig", "IA3MethodConfig",
+    "AdapterMethodConfig", "CpuConfig", "DataConfig", "DoraMethodConfig", "FrozenMethodConfig", "FullMethodConfig", "GenerationSection", "IA3MethodConfig",
     "LastNMethodConfig", "LoraMethodConfig", "MethodConfig", "ModelConfig", "OutputConfig", "RunConfig", "Section",
     "TaskConfigBase", "TrainConfig", "apply_overrides", "coerce_config", "config_reference", "dump_config",
     "is_legacy_method_default", "load_config", "method_config", "parse_config", "pipeline_names", "read_yaml", "renamed_key",

@@ -1,6 +1,6 @@
 """The typed run config's sections: pydantic v2 models with `extra="forbid"`.
 
-One schema for every run. Sections: `model`, `data`, `task`, `method`, `train`, `output`.
+One schema for every run. Sections: `model`, `data`, `task`, `method`, `train`, `generation`, `output`.
 `task` is a union keyed by the task's name, of the sections of the registered task families
 (`tunesmith.tasks.registry`: each family's config lives in its folder); `method` is a union keyed
 by the method's name, each method with only its own keys. Both accept the bare name as a
@@ -215,6 +215,11 @@ class TrainConfig(Section):
     )
     lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup", "constant"] = "linear"
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    label_smoothing_factor: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Label smoothing of cross-entropy losses (single-label classification, token "
+        "classification, sequence-to-sequence targets); 0: none. As in `Trainer`, the losses logged during training, "
+        "evaluations included, are smoothed; `tunesmith eval` reports the plain loss."
+    )
     seed: int = 42
     eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
     eval_steps: int | None = Field(None, gt=0, description="With `eval_strategy: steps`.")
@@ -292,6 +297,28 @@ class TrainConfig(Section):
         return self
 
 
+class GenerationSection(Section):
+    """How generating families (sequence-to-sequence) generate at evaluation and prediction, named like
+    `transformers.GenerationConfig`; saved as the model's `generation_config.json`, so plain `generate()`
+    does the same. A key left unset keeps the checkpoint's own setting (transformers' default where it has
+    none). `tunesmith predict --num-beams/--max-new-tokens` override them per call."""
+
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="Most tokens generated per output. Unset: the task's longest target "
+        "(task.max_target_length), never transformers' 20."
+    )
+    num_beams: int | None = Field(None, ge=1, description="Beam search width; 1: greedy (or sampling with do_sample).")
+    length_penalty: float | None = Field(
+        None, description="Beam search: exponent on the length dividing a beam's score (> 1 favours longer outputs)."
+    )
+    no_repeat_ngram_size: int | None = Field(None, ge=0, description="Never repeat an n-gram of this size; 0: off.")
+    early_stopping: bool | None = Field(None, description="Beam search: stop once num_beams finished candidates exist.")
+    repetition_penalty: float | None = Field(None, gt=0.0, description="Penalty on tokens already generated; 1: none.")
+    do_sample: bool | None = Field(None, description="Sample instead of greedy or beam decoding.")
+    temperature: float | None = Field(None, gt=0.0, description="Sampling temperature.")
+    top_k: int | None = Field(None, ge=0, description="Sampling: keep the k most likely tokens; 0: all.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Sampling: keep the smallest set of tokens with this probability mass.")
+
 class OutputConfig(Section):
     """Where the run directory is written."""
 
@@ -315,6 +342,7 @@ class RunConfig(Section):
     task: TaskConfigBase = Field(default_factory=_default_task)
     method: AnyMethodConfig = Field(default_factory=FullMethodConfig)
     train: TrainConfig = TrainConfig()
+    generation: GenerationSection = GenerationSection()
     output: OutputConfig = OutputConfig()
 
     @field_validator("task", "method", mode="before")

@@ -35,24 +35,35 @@ def greater_is_better(metric: str, configured: bool | None) -> bool:
 
 @torch.inference_mode()
 def run_evaluation(model: nn.Module, loader: DataLoader, task, state: dict, loss_fn: Callable, accelerator: Accelerator,
-                   references=None):
+                   references=None, tokenizer=None):
     """One pass over `loader`; returns (metrics, accumulator). Each batch is reduced by the task on its own
-    process (per-example scores, generated ids) before anything is gathered: never per-token logits."""
+    process (per-example scores, generated text) before anything is gathered: never per-token logits.
+    `tokenizer`: for tasks that generate (decoding, stop strings)."""
     model.eval()
     accumulator = task.new_accumulator(state, references)
     for batch in loader:
         inputs, labels, extras = task.split_batch(batch)
         with accelerator.autocast():
-            reduced = task.evaluation_batch(model, inputs, labels, extras, loss_fn, state)
-        # Under DDP, gather the batch first (one batch at a time: memory stays bounded). accelerate
-        # pads the last global batch with repeated samples and `gather_for_metrics` drops them, so
-        # metrics and loss cover each validation example exactly once.
-        if accelerator.num_processes > 1:
-            reduced = {k: accelerator.pad_across_processes(v, dim=1, pad_index=-100) if v.ndim >= 2 else v
-                       for k, v in reduced.items()}
-        task.update(accumulator, accelerator.gather_for_metrics(reduced), state)
+            reduced = task.evaluation_batch(model, inputs, labels, extras, loss_fn, state, tokenizer=tokenizer)
+        task.update(accumulator, _gathered(reduced, accelerator), state)
     model.train()
     return task.compute_metrics(accumulator, state), accumulator
+
+
+def _gathered(reduced: dict, accelerator: Accelerator) -> dict:
+    """A reduced batch from every process. Under DDP, gathered one batch at a time (memory stays bounded);
+    accelerate pads the last global batch with repeated samples and `gather_for_metrics` drops them, so
+    metrics and loss cover each example exactly once. Tensors are gathered as tensors (2-D and larger padded
+    along dimension 1 with -100 first); lists (generated text) as objects, in the same order."""
+    if accelerator.num_processes == 1:
+        return reduced
+    tensors = {k: v for k, v in reduced.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: accelerator.pad_across_processes(v, dim=1, pad_index=-100) if v.ndim >= 2 else v for k, v in tensors.items()}
+    gathered = accelerator.gather_for_metrics(tensors)
+    for key, value in reduced.items():
+        if key not in tensors:
+            gathered[key] = accelerator.gather_for_metrics(list(value), use_gather_object=True)
+    return gathered
 
 
 @dataclass
@@ -72,12 +83,13 @@ class BestModel:
     path: Path
     logbook: JsonlLog
     announce: Callable[[str], None]
+    tokenizer: object = None  # for tasks that generate
 
     def evaluate(self, result: LoopResult, epoch: float) -> bool:
         """Evaluate at the current step; returns True when early stopping triggers."""
         start = time.perf_counter()
         metrics, _ = run_evaluation(self.model, self.loader, self.task, self.state, self.loss_fn, self.accelerator,
-                                    self.references)
+                                    self.references, self.tokenizer)
         value = metrics.get(self.metric)
         if value is None:
             available = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)))

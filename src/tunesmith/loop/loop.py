@@ -59,6 +59,7 @@ def train_loop(
     resume: Checkpoint | None = None,
     fingerprint: dict | None = None,
     eval_references=None,
+    tokenizer=None,
 ) -> LoopResult:
     """Train; with `resume`, continue from that checkpoint exactly where the run stopped.
 
@@ -91,7 +92,7 @@ def train_loop(
         model=model, loader=eval_loader, task=task, state=state, loss_fn=loss_fn, accelerator=accelerator,
         references=eval_references, metric=metric, bigger_better=bigger_better,
         patience=train_cfg.early_stopping_patience, path=checkpoints_dir / "best.safetensors", logbook=logbook,
-        announce=console.log if show_progress else log.info)
+        announce=console.log if show_progress else log.info, tokenizer=tokenizer)
     batches = ResumableBatches(train_loader, sampler_generator, resume, accelerator)
     progress = progress_line(console, disable=not show_progress or not accelerator.is_main_process)
     meter = _Throughput()

@@ -106,9 +106,14 @@ def _freeze_all_but_head(model: nn.Module, heads: list[str]) -> None:
     if not heads:
         raise ValueError(f"method frozen trains only the task head, and {type(model).__name__} has none (its output "
                          "layer is the tied input embedding); use method lora, last_n or full")
-    heads = set(heads)
-    for name, child in model.named_children():
-        child.requires_grad_(name in heads)
+    model.requires_grad_(False)
+    for name in heads:  # top-level children, or dotted paths (a seq2seq model's decoder: `model.decoder`)
+        model.get_submodule(name).requires_grad_(True)
+    # A head that reads the input embedding (a decoder sharing the encoder's vocabulary table) must not train
+    # it: the frozen encoder's inputs would change under it.
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        embeddings.requires_grad_(False)
     # A frozen encoder is a fixed feature extractor: keep it in eval mode (no dropout) even while the
     # head trains, so each example's features never change — which is what lets `features.cache_body`
     # compute them once and still train exactly like the uncached path.
@@ -143,16 +148,16 @@ def _apply_last_n(model: nn.Module, n: int, heads: list[str]) -> None:
         if id(p) not in in_stacks and id(p) not in embeddings and "embed" not in name and "emb" not in name.split(".")[-1]:
             p.requires_grad_(True)
     for name in heads:
-        getattr(model, name).requires_grad_(True)
+        model.get_submodule(name).requires_grad_(True)
 
 
-def _peft_config(cfg: MethodConfig, model: nn.Module, task_type: str, heads: list[str]):
+def _peft_config(cfg: MethodConfig, model: nn.Module, task_type: str, saved: list[str]):
     import peft
 
     target = cfg.target_modules
     if target == "auto":
-        target = _auto_target_modules(model, cfg.name)
-    common = {"task_type": task_type, "modules_to_save": heads or None}
+        target = _auto_target_modules(model, cfg.name, saved)
+    common = {"task_type": task_type, "modules_to_save": saved or None}
     if cfg.name == "ia3":
         feedforward = _ia3_feedforward(model, target)
         return peft.IA3Config(target_modules=target, feedforward_modules=feedforward, **common)
@@ -166,13 +171,21 @@ def _peft_config(cfg: MethodConfig, model: nn.Module, task_type: str, heads: lis
     )
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    """Full names of the body's linear layers (GPT-2's Conv1D counts as linear)."""
-    heads = tuple(head_module_names(model)) + tuple(tied_output_names(model))  # as peft's all-linear: never the output layer
+def _linear_names(model: nn.Module, saved: list[str]) -> list[str]:
+    """Full names of the body's linear layers (GPT-2's Conv1D counts as linear), outside the modules saved whole
+    and the output layer (as peft's all-linear)."""
+    outside = tuple(saved) + tuple(tied_output_names(model))
+
+    def inside(name: str) -> bool:
+        return any(name == o or name.startswith(o + ".") or f".{o}." in f".{name}." for o in outside)
+
+    # An output layer tied to an embedding anywhere (a warm-started decoder's own LM head) is a vocabulary table.
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [
         name
         for name, module in model.named_modules()
-        if not name.startswith(heads) and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
+        if not inside(name) and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
+        and id(module.weight) not in embedding_weights
     ]
 
 
@@ -180,7 +193,7 @@ def _matches(target: str, names: list[str]) -> bool:
     return any(name == target or name.endswith("." + target) for name in names)
 
 
-def _auto_target_modules(model: nn.Module, method: str) -> list[str]:
+def _auto_target_modules(model: nn.Module, method: str, saved: list[str]) -> list[str]:
     from peft.utils.constants import (
         TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
         TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
@@ -188,11 +201,16 @@ def _auto_target_modules(model: nn.Module, method: str) -> list[str]:
 
     mapping = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING if method == "ia3" else TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     model_type = getattr(model.config, "model_type", "")
-    linear = _linear_names(model)
+    linear = _linear_names(model, saved)
     if model_type in mapping and all(_matches(t, linear) for t in mapping[model_type]):
         return list(mapping[model_type])
-    # Architectures peft has no default for: every linear layer of the body, by its last name.
-    return sorted({name.split(".")[-1] for name in linear})
+    # Architectures peft has no default for: every linear layer of the body, by its last name; by full names
+    # where a last name also belongs to a module left out (peft matches names by their ends).
+    ends = {name.split(".")[-1] for name in linear}
+    chosen = set(linear)
+    if any(name.split(".")[-1] in ends and name not in chosen for name, _ in model.named_modules()):
+        return linear
+    return sorted(ends)
 
 
 FEEDFORWARD_WORDS = ("fc2", "down_proj", "wo", "lin2", "c_proj", "dense_4h_to_h", "output.dense")
@@ -210,10 +228,13 @@ def _ia3_feedforward(model: nn.Module, target: list[str] | str) -> list[str]:
     return [t for t in targets if t in FEEDFORWARD_WORDS]
 
 
-def apply_method(model: nn.Module, cfg: MethodConfig, task_type: str, heads: list[str] | None = None) -> nn.Module:
+def apply_method(model: nn.Module, cfg: MethodConfig, task_type: str, heads: list[str] | None = None,
+                 saved: list[str] | None = None) -> nn.Module:
     """Freeze or wrap `model` for the configured strategy; logs trainable vs total parameters. `heads`: the
-    top-level modules the task trains as its head (`Task.head_modules`; default: found structurally)."""
+    modules the task trains as its head (`Task.head_modules`; default: found structurally); `saved`: the
+    modules an adapter trains and saves whole (`Task.adapter_saved_modules`; default: the heads)."""
     heads = head_module_names(model) if heads is None else heads
+    saved = heads if saved is None else saved
     if cfg.name == "full":
         model.requires_grad_(True)
     elif cfg.name == "frozen":
@@ -223,7 +244,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, task_type: str, heads: lis
     elif cfg.name in PEFT_METHODS:
         import peft
 
-        model = peft.get_peft_model(model, _peft_config(cfg, model, task_type, heads))
+        model = peft.get_peft_model(model, _peft_config(cfg, model, task_type, saved))
     counts = count_parameters(model)
     log.info("method %s: %s", cfg.name, counts)
     if counts.trainable == 0:

@@ -18,7 +18,7 @@ from tunesmith.methods.apply import is_peft
 from tunesmith.pipeline.devices import Devices
 from tunesmith.pipeline.fit import Fitted
 from tunesmith.pipeline.prepare import Prepared
-from tunesmith.runs.rundir import model_card, provenance, write_json
+from tunesmith.runs.rundir import model_card, provenance, write_json, write_jsonl
 from tunesmith.speed.performance import restore_speed_options
 from tunesmith.tasks.base import Task, TaskState
 
@@ -34,23 +34,27 @@ def _saving_notice(signum: int) -> str:
             "Press Ctrl-C again to abandon the save (the last checkpoint stays resumable)")
 
 
-def final_metrics(cfg: RunConfig, data: Prepared, devices: Devices, model, fitted: Fitted) -> tuple[TaskState, dict]:
-    """The task state after the task's `after_training` (e.g. a tuned threshold) and the run's metrics:
-    validation and test from the best checkpoint (restored by the loop), and the loop's summary."""
+def final_metrics(cfg: RunConfig, data: Prepared, devices: Devices, model,
+                  fitted: Fitted) -> tuple[TaskState, dict, dict[str, list[dict]]]:
+    """The task state after the task's `after_training` (e.g. a tuned threshold), the run's metrics (validation
+    and test from the best checkpoint, restored by the loop, and the loop's summary) and the task's
+    per-example outputs of each split (`Task.example_outputs`: generated text), written beside them."""
     task, accelerator, loaders, references = data.task, devices.accelerator, fitted.loaders, fitted.references
     state = data.state
     val_metrics, val_acc = run_evaluation(model, accelerator.prepare(loaders["validation"]), task, state, fitted.loss_fn,
-                                          accelerator, references.get("validation"))
+                                          accelerator, references.get("validation"), data.tokenizer)
     tuned = task.after_training(cfg.task, state, val_acc)
     if tuned != state:
         state = tuned
         val_metrics = task.compute_metrics(val_acc, state)
     metrics: dict[str, Any] = {"validation": val_metrics}
+    outputs = {"validation": task.example_outputs(val_acc, state)}
     if "test" in loaders:
-        metrics["test"], _ = run_evaluation(model, accelerator.prepare(loaders["test"]), task, state, fitted.loss_fn,
-                                            accelerator, references["test"])
+        metrics["test"], test_acc = run_evaluation(model, accelerator.prepare(loaders["test"]), task, state, fitted.loss_fn,
+                                                   accelerator, references["test"], data.tokenizer)
+        outputs["test"] = task.example_outputs(test_acc, state)
     metrics["train"] = _train_summary(fitted, devices.precision.precision)
-    return state, metrics
+    return state, metrics, {split: rows for split, rows in outputs.items() if rows is not None}
 
 
 def _train_summary(fitted: Fitted, precision: str) -> dict:
@@ -88,11 +92,15 @@ def plain_trained_model(model, skeleton: torch.nn.Module | None, accelerator) ->
 
 
 def write_run(run_dir: Path, model, tokenizer, cfg: RunConfig, task: Task, state: TaskState, metrics: dict,
-              precision: dict, warnings: list[str], notes: list[str], params: str, speed: dict | None = None) -> None:
-    """The finished run: model (or adapter), task state, metrics, provenance, model card; checkpoints removed."""
+              precision: dict, warnings: list[str], notes: list[str], params: str, speed: dict | None = None,
+              outputs: dict[str, list[dict]] | None = None) -> None:
+    """The finished run: model (or adapter), task state, metrics, per-example outputs
+    (`<split>_generated_predictions.jsonl`), provenance, model card; checkpoints removed."""
     save_model(model, tokenizer, run_dir, cfg, state, task)
     write_json(run_dir / "task.json", {"task": task.name, **state.to_json()})
     write_json(run_dir / "metrics.json", metrics)
+    for split, rows in (outputs or {}).items():
+        write_jsonl(run_dir / f"{split}_{task.example_outputs_name}.jsonl", rows)
     write_json(
         run_dir / "provenance.json",
         provenance(cfg, data_file_paths(cfg.data), precision,
@@ -111,6 +119,8 @@ def save_model(model, tokenizer, run_dir: Path, cfg: RunConfig, state: TaskState
         tokenizer.save_pretrained(run_dir / "adapter")
         if not cfg.method.merge_on_save:
             tokenizer.save_pretrained(model_dir)  # `load` reads the tokenizer from model/ in every run
+            if getattr(model, "generation_config", None) is not None:  # and the generation settings
+                model.generation_config.save_pretrained(model_dir)
             return
         model = model.merge_and_unload()
     task.before_save(model, state)

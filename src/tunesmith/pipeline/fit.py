@@ -37,7 +37,10 @@ def fit(cfg: RunConfig, data: Prepared, devices: Devices, built: Built, encoded:
         checkpoint: Checkpoint | None, show_progress: bool) -> Fitted:
     task, state, accelerator, model = data.task, data.state, devices.accelerator, built.model
     metric, bigger = best_metric(cfg, task, state)
-    loss_fn = task.loss_fn(cfg.task, state, encoded["train"])
+    # Passed only when set (checked against `supports_label_smoothing` in preflight): a family's loss_fn without
+    # the keyword keeps working.
+    smoothing = {"label_smoothing": cfg.train.label_smoothing_factor} if cfg.train.label_smoothing_factor else {}
+    loss_fn = task.loss_fn(cfg.task, state, encoded["train"], **smoothing)
     collator = task.collator(data.tokenizer, model)
     references = {s: task.references(cfg.task, data.tables[s], state) for s in ("validation", "test") if s in data.tables}
     loaders = build_loaders(cfg, encoded, data.tokenizer, collator, accelerator.num_processes)
@@ -59,6 +62,7 @@ def fit(cfg: RunConfig, data: Prepared, devices: Devices, built: Built, encoded:
         resume=checkpoint,
         fingerprint=data.fingerprint,
         eval_references=references.get("validation"),
+        tokenizer=data.tokenizer,
     )
     return Fitted(loop, loaders, references, loss_fn, metric, skeleton, cache_seconds)
 

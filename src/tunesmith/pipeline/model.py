@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from tunesmith.assets import resolve_model_path
-from tunesmith.config import ModelConfig, RunConfig
+from tunesmith.config import RunConfig
 from tunesmith import distributed
 from tunesmith.errors import ConfigError
 from tunesmith.methods.apply import apply_method, count_parameters
@@ -36,8 +36,9 @@ def build_model(cfg: RunConfig, data: Prepared, devices: Devices, train_data, cl
     """The pretrained model with the method applied and the speed options on (undone by `cleanup`);
     a ResourceError if it would not fit, before the run directory exists."""
     transformers.set_seed(cfg.train.seed)
-    model = load_model(cfg.model, data.task, data.state, data.tokenizer)
-    model = apply_method(model, cfg.method, data.task.peft_task_type, data.task.head_modules(model))
+    model = load_model(cfg, data.task, data.state, data.tokenizer)
+    model = apply_method(model, cfg.method, data.task.peft_task_type, data.task.head_modules(model),
+                         data.task.adapter_saved_modules(model))
     # Counted before the speed options: skipping unseen embedding rows hides most of the embedding from
     # `parameters()`, which would report the model as half its size.
     params = str(count_parameters(model))
@@ -48,13 +49,15 @@ def build_model(cfg: RunConfig, data: Prepared, devices: Devices, train_data, cl
     return Built(model, params, speed, warnings)
 
 
-def load_model(cfg: ModelConfig, task: Task, state: TaskState, tokenizer) -> torch.nn.Module:
+def load_model(run_cfg: RunConfig, task: Task, state: TaskState, tokenizer) -> torch.nn.Module:
+    """The pretrained model the run starts from, configured for the task (`Task.configure_model`)."""
+    cfg = run_cfg.model
     source = resolve_model_path(cfg.name_or_path)
-    auto_class = getattr(transformers, task.auto_model_class)
     # Pickled weights can execute code on load: safetensors only unless the user opts in (GGUF is not pickle).
     safetensors_only = not cfg.allow_pickle and not cfg.gguf_file
     try:
-        model = auto_class.from_pretrained(
+        model = task.load_pretrained(
+            run_cfg.task,
             source,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
@@ -79,7 +82,7 @@ def load_model(cfg: ModelConfig, task: Task, state: TaskState, tokenizer) -> tor
     _drop_quantizer(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
+    task.configure_model(model, tokenizer, run_cfg, state)
     return model
 
 

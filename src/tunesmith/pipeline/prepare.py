@@ -66,12 +66,20 @@ def check_data(cfg: RunConfig, checkpoint: Checkpoint | None) -> Prepared:
     transformers.set_seed(cfg.train.seed)
     tables, notes = make_splits(cfg.data, cfg.train.seed, task.stratify_key(cfg.task), task.reader(cfg.task))
     state, warnings = task.preflight(cfg.task, tables)
+    if cfg.train.label_smoothing_factor and not task.supports_label_smoothing(state):
+        raise ConfigError(f"train.label_smoothing_factor={cfg.train.label_smoothing_factor}: the loss of this {cfg.task.name} "
+                          "task is not a cross-entropy over classes or tokens, so smoothing would be ignored; remove it "
+                          "(set train.label_smoothing_factor=0)")
     tokenizer = load_tokenizer(cfg.model, **task.tokenizer_kwargs(cfg.task))
     warnings += task.tokenizer_warnings(cfg.task, tables, tokenizer)
     for line in notes:
         log.info(line)
     for line in warnings:
         log.warning(line)
+    if cfg.method.name == "frozen" and cfg.train.cache_frozen_features and not task.frozen_feature_cache:
+        cfg.train.cache_frozen_features = False  # recorded so in config.yaml: a resume runs the same way
+        notes.append(f"train.cache_frozen_features: off for {cfg.task.name} (its trained part reads the frozen one at "
+                     "every step; nothing to cache once)")
     launcher_fsdp = launcher_asked_for_fsdp(cfg)  # before the fingerprint: it becomes train.fsdp=true
     run_fingerprint = fingerprint(cfg, tables)
     if checkpoint is not None:  # the same config and data, checked before any model loads

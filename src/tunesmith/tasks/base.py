@@ -70,6 +70,15 @@ class Losses(NamedTuple):
         """Sequence-level losses, one unit each."""
         return cls(losses, torch.ones_like(losses))
 
+    @classmethod
+    def per_token(cls, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                  ignore_index: int = -100) -> "Losses":
+        """Token-level cross-entropy (logits [batch, length, classes], labels [batch, length]): each example's
+        sum over its labelled tokens (labels other than `ignore_index`), and how many there are."""
+        tokens = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=ignore_index,
+                                                   reduction="none", label_smoothing=label_smoothing)
+        return cls(tokens.sum(-1), (labels != ignore_index).sum(-1).to(tokens.dtype))
+
 
 class LossTotal:
     """An evaluation pass's loss, folded batch by batch: the sum over every unit divided by the units."""
@@ -96,6 +105,9 @@ class Task(ABC):
     pipeline_tag: ClassVar[str]  # the hub's / transformers pipeline's name of the task, e.g. text-classification
     # The loss reads only the model's sequence-level head (one output per sequence), never per-token outputs.
     sequence_head: bool = False
+    # `frozen` may run the frozen body once and cache its outputs (`train.cache_frozen_features`): the head reads
+    # only the base model's outputs. False where the trained part reads the frozen one step by step (a decoder).
+    frozen_feature_cache: ClassVar[bool] = True
 
     def reader(self, cfg) -> Callable[[Any, str, str], Table]:
         """Reads one data file (path, encoding, config field) into a Table; task families with their own
@@ -117,6 +129,23 @@ class Task(ABC):
         embedding (a language model's vocabulary projection is not a head)."""
         return head_module_names(model)
 
+    def adapter_saved_modules(self, model) -> list[str]:
+        """Modules a LoRA/DoRA/IA3 run trains and saves whole, beside the adapter (peft's `modules_to_save`):
+        what the pretrained checkpoint did not have. Default: the head modules."""
+        return self.head_modules(model)
+
+    def load_pretrained(self, cfg, source: str, **kwargs):
+        """The pretrained model from `source` (a folder or hub name) with `kwargs` for `from_pretrained`; `cfg`
+        is the task section. Default: the family's Auto class."""
+        import transformers
+
+        return getattr(transformers, self.auto_model_class).from_pretrained(source, **kwargs)
+
+    def configure_model(self, model, tokenizer, cfg, state: TaskState) -> None:
+        """Set what the model must know of the tokenizer and the run config (`cfg`: the whole RunConfig) before
+        training and prediction: special token ids, the generation settings. Default: the pad token."""
+        model.config.pad_token_id = tokenizer.pad_token_id
+
     def split_batch(self, batch: dict) -> tuple[dict, torch.Tensor, dict]:
         """(model inputs, labels, extras): extras are per-example fields the metrics need that the model
         must not see (e.g. which example a window came from)."""
@@ -131,11 +160,13 @@ class Task(ABC):
         """One training micro-batch's forward pass and loss."""
         return loss_fn(self.logits(model(**inputs)), labels)
 
-    def evaluation_batch(self, model, inputs: dict, labels, extras: dict, loss_fn, state: dict) -> dict[str, torch.Tensor]:
+    def evaluation_batch(self, model, inputs: dict, labels, extras: dict, loss_fn, state: dict, *,
+                         tokenizer=None) -> dict[str, torch.Tensor | list]:
         """One evaluation batch reduced, on this process, to what the metrics keep: tensors whose first
-        dimension is the batch's examples (a task that generates calls `model.generate` here). Only these
-        are gathered across processes (2-D and larger ones padded along dimension 1 with -100 first), never
-        per-token logits. Always includes the per-example `loss_sums` and `loss_units`."""
+        dimension is the batch's examples, or lists with one item per example (a task that generates calls
+        `model.generate` here and decodes with `tokenizer`). Only these are gathered across processes (2-D
+        and larger tensors padded along dimension 1 with -100 first; lists as objects), never per-token
+        logits. Always includes the per-example `loss_sums` and `loss_units`."""
         logits = self.logits(model(**inputs))
         losses = loss_fn(logits, labels)
         return {"scores": self.scores(logits, state), "labels": labels, "loss_sums": losses.sums, "loss_units": losses.units}
@@ -174,8 +205,15 @@ class Task(ABC):
         """Extra `from_pretrained` kwargs (num_labels, id2label, ...)."""
 
     @abstractmethod
-    def loss_fn(self, cfg, state: dict, train: datasets.Dataset | None) -> Callable[[torch.Tensor, torch.Tensor], Losses]:
-        """The per-example losses of a batch from logits and labels (`train` None: evaluation only, the plain loss)."""
+    def loss_fn(self, cfg, state: dict, train: datasets.Dataset | None,
+                label_smoothing: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], Losses]:
+        """The per-example losses of a batch from logits and labels (`train` None: evaluation only, the plain loss);
+        `label_smoothing` (`train.label_smoothing_factor`) only where `supports_label_smoothing`."""
+
+    def supports_label_smoothing(self, state) -> bool:
+        """Whether `loss_fn` honours `label_smoothing` (a cross-entropy over classes or tokens); checked before
+        training starts, so a setting the loss would ignore is an error, not a silent no-op."""
+        return False
 
     @abstractmethod
     def new_accumulator(self, state: dict, references: Any = None):
@@ -196,6 +234,13 @@ class Task(ABC):
     def summary_metrics(self, state) -> tuple[str, ...]:
         """The metrics the loop's one-line evaluation summary shows after the best-model metric and the loss."""
         return (self.default_metric(state)[0],)
+
+    example_outputs_name: ClassVar[str] = "predictions"  # the file stem of `example_outputs`: <split>_<name>.jsonl
+
+    def example_outputs(self, accumulator, state) -> list[dict] | None:
+        """Per-example records of an evaluated split written into the run directory as
+        `<split>_<example_outputs_name>.jsonl` (generation: source, reference, prediction); None: none."""
+        return None
 
     def after_training(self, cfg, state: dict, accumulator) -> dict:
         """Calibrate on validation outputs of the best model (e.g. tune a threshold); returns updated state."""

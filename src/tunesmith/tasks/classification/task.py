@@ -309,7 +309,11 @@ class ClassificationTask(Task):
             "problem_type": "multi_label_classification" if problem == "multi_label" else "single_label_classification",
         }
 
-    def loss_fn(self, cfg: ClassificationTaskConfig, state: dict, train: datasets.Dataset | None) -> Callable:
+    def supports_label_smoothing(self, state: ClassificationState) -> bool:
+        return state.problem_type == "single_label"
+
+    def loss_fn(self, cfg: ClassificationTaskConfig, state: dict, train: datasets.Dataset | None,
+                label_smoothing: float = 0.0) -> Callable:
         """`train` is None for evaluation-only use: the plain, unweighted loss."""
         problem = state.problem_type
         if problem == "regression":
@@ -325,7 +329,7 @@ class ClassificationTask(Task):
             return multi_label
 
         def single_label(logits: torch.Tensor, labels: torch.Tensor) -> Losses:
-            losses = F.cross_entropy(logits.float(), labels, weight=weights, reduction="none")
+            losses = F.cross_entropy(logits.float(), labels, weight=weights, reduction="none", label_smoothing=label_smoothing)
             # With class weights an example counts as its class's weight (torch's weighted mean divides by them too).
             return Losses(losses, weights[labels]) if weights is not None else Losses.per_example(losses)
 

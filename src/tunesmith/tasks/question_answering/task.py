@@ -409,7 +409,7 @@ class QuestionAnsweringTask(Task):
     def model_kwargs(self, state: dict) -> dict:
         return {"num_labels": 2}  # start and end logits, whatever head the checkpoint had
 
-    def loss_fn(self, cfg, state: dict, train) -> Callable:
+    def loss_fn(self, cfg, state: dict, train, label_smoothing: float = 0.0) -> Callable:
         return lambda logits, labels: Losses.per_example(qa.span_loss(logits, labels))
 
     def references(self, cfg: QuestionAnsweringTaskConfig, table: Table, state: dict) -> Gold:
@@ -423,7 +423,7 @@ class QuestionAnsweringTask(Task):
     def scores(self, logits: torch.Tensor, state: dict) -> torch.Tensor:
         return logits.float()
 
-    def evaluation_batch(self, model, inputs: dict, labels, extras: dict, loss_fn, state: dict) -> dict:
+    def evaluation_batch(self, model, inputs: dict, labels, extras: dict, loss_fn, state: dict, *, tokenizer=None) -> dict:
         logits = self.logits(model(**inputs))
         losses = loss_fn(logits, labels)
         reduced = qa.window_candidates(logits, extras, state.n_best_size, state.max_answer_length,

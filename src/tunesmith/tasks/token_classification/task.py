@@ -23,7 +23,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from torch.nn import functional as F
 from transformers import DataCollatorForTokenClassification
 
 from tunesmith.data.inputs import InputColumns
@@ -441,14 +440,16 @@ class TokenClassificationTask(Task):
         labels = state.labels
         return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
 
-    def loss_fn(self, cfg, state: dict, train) -> Callable:
+    def supports_label_smoothing(self, state) -> bool:
+        return True
+
+    def loss_fn(self, cfg, state: dict, train, label_smoothing: float = 0.0) -> Callable:
         k = len(state.labels)
 
         def loss(logits: torch.Tensor, labels: torch.Tensor) -> Losses:
             """Per window: the cross-entropy summed over its labelled tokens, and how many there are."""
             labels = torch.where(labels >= k, labels - k, labels)  # later sub-tokens (label_all_subtokens)
-            tokens = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-            return Losses(tokens.sum(-1), (labels != IGNORE).sum(-1).to(tokens.dtype))
+            return Losses.per_token(logits, labels, label_smoothing, IGNORE)
 
         return loss
 
