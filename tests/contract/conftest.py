@@ -11,14 +11,22 @@ from tunesmith.tasks.registry import load
 
 
 def family_names() -> list[str]:
-    return list(families())
+    """Each registered family, or `family/variant` for each variant of a family whose examples function returns
+    several (seq2seq: one per architecture)."""
+    names = []
+    for name, family in families().items():
+        examples = load(family.examples)() if family.examples else None
+        names += [f"{name}/{variant}" for variant in examples] if isinstance(examples, dict) else [name]
+    return names
 
 
 def contract_examples(name: str):
-    family = families()[name]
+    family_name, _, variant = name.partition("/")
+    family = families()[family_name]
     if family.examples is None:
-        pytest.skip(f"task family '{name}' registers no contract examples (Family.examples)")
-    return load(family.examples)()
+        pytest.skip(f"task family '{family_name}' registers no contract examples (Family.examples)")
+    examples = load(family.examples)()
+    return examples[variant] if variant else examples
 
 
 class Checkpoints:

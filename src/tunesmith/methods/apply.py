@@ -93,10 +93,15 @@ def tied_output_names(model: nn.Module) -> set[str]:
 
 
 def layer_stacks(module: nn.Module) -> list[nn.ModuleList]:
-    """ModuleLists of >= 2 blocks of one type: encoder.layer, h, layers, block (encoder and decoder)."""
+    """ModuleLists of >= 2 blocks of one type (or one block named as a layer): encoder.layer, h, layers, block
+    (encoder and decoder)."""
     stacks = []
     for child in module.modules():
-        if isinstance(child, nn.ModuleList) and len(child) >= 2 and len({type(b) for b in child}) == 1:
+        # One block is a stack too when it is named like one (a one-layer decoder's `T5Block`, `BartDecoderLayer`).
+        if not isinstance(child, nn.ModuleList) or not len(child):
+            continue
+        named_block = len(child) == 1 and type(child[0]).__name__.endswith(("Layer", "Block"))
+        if (len(child) >= 2 or named_block) and len({type(b) for b in child}) == 1:
             if any(True for _ in child[0].parameters()) and not any(child in s.modules() for s in stacks):
                 stacks.append(child)
     return stacks

@@ -235,8 +235,3 @@ def contract_examples() -> dict[str, ContractExamples]:
         "bert2bert": examples(build_bert_encoder, train={"num_train_epochs": 40}),
     }
 
-
-def single_contract_examples() -> ContractExamples:
-    """T5's examples alone, for a contract suite that takes one ContractExamples per family (as
-    tests/contract/conftest.py does today): `Family.examples = "...seq2seq.examples:single_contract_examples"`."""
-    return contract_examples()["t5"]

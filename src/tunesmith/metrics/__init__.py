@@ -1,0 +1,1 @@
+"""Evaluation metrics shared between task families."""
