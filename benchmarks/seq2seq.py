@@ -9,8 +9,9 @@ initialised with seed 0; decoder_start_token_id=[CLS], pad=[PAD], eos=[SEP]). Da
 - `--task translation`: King James Version -> Louis Segond 1910 (French), verse-aligned, split by book.
 - `--task summarization`: GEM XSum (BIG-bench's 1,001 items), article -> one-sentence summary.
 
-Rows, all scored on the validation split with the same metrics (ROUGE-1/2/L/Lsum F, sacreBLEU, chrF,
-exact match; all 0-100):
+Rows, all scored on the validation split with the same metrics (`tunesmith.metrics.generation`: ROUGE-1/2/L/Lsum F,
+sacreBLEU, chrF, exact match, all 0-100; plus BLEU/chrF with both sides lowercased and accents stripped, since the
+uncased MiniLM cannot write capitals or French accents):
 
 - `copy source`: the source as the prediction; `lead sentence` (summarization): its first sentence.
 - `Seq2SeqTrainer (untrained)`: the warm-started model before training, generate only.
@@ -39,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -56,6 +56,7 @@ import transformers  # noqa: E402
 
 import seq2seq_data  # noqa: E402
 from tunesmith.assets import bundled_model_path  # noqa: E402
+from tunesmith.metrics.generation import describe_bleu, generation_metrics, split_sentences  # noqa: E402
 from tunesmith.speed.precision import NATIVE_BF16_FLAGS, cpu_flags, cpu_model  # noqa: E402
 
 MODEL = "bundled:all-MiniLM-L6-v2"
@@ -78,46 +79,7 @@ QUICK = {"train": 32, "validation": 16, "epochs": 1, "max_source_length": 32, "m
 
 # --------------------------------------------------------------------------- metrics
 
-try:  # the shared module (branch `metrics`) once it is on main
-    from tunesmith.metrics.generation import generation_metrics as _shared_metrics
-except ImportError:  # pragma: no cover - until then
-    _shared_metrics = None
-
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n")
-_WORD = re.compile(r"\w+")
-
-
-def _fallback_metrics(predictions: list[str], references: list[str], target_lang: str | None = None) -> dict:
-    """rouge-score (F, Porter stemming, a Unicode word tokenizer so French accents count) and sacrebleu, 0-100."""
-    from nltk.stem import porter
-    from rouge_score import rouge_scorer
-    from sacrebleu.metrics import BLEU, CHRF
-
-    stemmer = porter.PorterStemmer()
-
-    class Words:
-        def tokenize(self, text: str) -> list[str]:
-            return [stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in _WORD.findall(text.lower())]
-
-    types = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
-    scorer = rouge_scorer.RougeScorer(types, tokenizer=Words())
-    totals = dict.fromkeys(types, 0.0)
-    for p, r in zip(predictions, references):
-        joined = ("\n".join(s for s in _SENTENCE.split(t) if s.strip()) for t in (r, p))
-        scores = scorer.score(*joined)
-        for t in types:
-            totals[t] += scores[t].fmeasure
-    n = max(len(predictions), 1)
-    return {
-        **{t: 100 * v / n for t, v in totals.items()},
-        "bleu": BLEU().corpus_score(predictions, [references]).score,
-        "chrf": CHRF().corpus_score(predictions, [references]).score,
-        "exact_match": 100 * sum(" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references)) / n,
-    }
-
-
-METRICS_IMPL = "tunesmith.metrics.generation" if _shared_metrics else "benchmarks/seq2seq.py fallback (rouge-score + sacrebleu)"
-generation_metrics = _shared_metrics or _fallback_metrics
+METRICS_IMPL = "tunesmith.metrics.generation"
 
 
 def _uncased(text: str) -> str:
@@ -147,10 +109,8 @@ def examples(task: str, texts: list[str]) -> dict:
 
 
 def lead_sentence(document: str) -> str:
-    for line in document.splitlines():
-        if line.strip():
-            return next(s for s in _SENTENCE.split(line.strip()) if s.strip())
-    return ""
+    sentences = split_sentences(document)  # XSum articles have one sentence a line; a line may hold more
+    return sentences[0] if sentences else ""
 
 
 def run_baselines(task: str, validation: list[dict]) -> list[dict]:
@@ -276,7 +236,9 @@ def run_tunesmith(task: str, paths: dict[str, Path], settings: dict, out: Path, 
         "model": {"name_or_path": MODEL},
         "data": {"train_file": str(paths["train"]), "validation_file": str(paths["validation"])},
         "task": {"name": "seq2seq", "source_column": "source", "target_column": "target",
-                 "max_source_length": settings["max_source_length"], "max_target_length": settings["max_target_length"]},
+                 "max_source_length": settings["max_source_length"], "max_target_length": settings["max_target_length"],
+                 # as configs/translation.yaml does (sacreBLEU's tokenizer; a BERT tokenizer has no language codes)
+                 **({"source_lang": "en", "target_lang": "fr"} if task == "translation" else {})},
         "generation": {"max_new_tokens": settings["max_new_tokens"], "num_beams": settings["num_beams"]},
         "method": {"name": "full"},
         "train": {
@@ -408,7 +370,9 @@ def main() -> None:
     payload = json.loads(output.read_text()) if output.exists() else {}
     payload.setdefault("benchmark", "seq2seq")
     payload.setdefault("tasks", {})[args.task] = {
-        "machine": machine, "metrics": METRICS_IMPL, "settings": settings, "quick": args.quick, "data": data,
+        "machine": machine, "metrics": METRICS_IMPL,
+        "bleu_signature": describe_bleu(seq2seq_data.TARGET_LANG[args.task], [r["target"] for r in validation]),
+        "settings": settings, "quick": args.quick, "data": data,
         "results": rows, "skipped": skipped, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
