@@ -130,11 +130,13 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def generation_metrics(predictions: list[str], references: list[str], target_lang: str | None = None) -> dict[str, float]:
-    """ROUGE-1/2/L/Lsum F-measure, corpus BLEU and chrF, and exact match, all 0-100; one reference per prediction."""
+def generation_metrics(predictions: list[str], references: list[str], target_lang: str | None = None,
+                       tokenizer: str | None = None) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum F-measure, corpus BLEU and chrF, and exact match, all 0-100; one reference per prediction.
+    `tokenizer`: sacreBLEU's tokenizer when already chosen (a run's, from its training targets); else chosen here."""
     if not predictions:
         return dict.fromkeys([*ROUGE_TYPES, "bleu", "chrf", "exact_match"], 0.0)
-    bleu = BLEU(tokenize=bleu_tokenizer(target_lang, references))
+    bleu = BLEU(tokenize=tokenizer or bleu_tokenizer(target_lang, references))
     matches = sum(_normalise(p) == _normalise(r) for p, r in zip(predictions, references))
     return {
         **_rouge(predictions, references),

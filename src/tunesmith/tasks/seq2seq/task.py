@@ -187,7 +187,8 @@ class Seq2SeqTask(Task):
         indices = accumulator.indices
         predictions = [accumulator.predictions[i] for i in indices]
         references = [accumulator.references.targets[i] for i in indices] if accumulator.references else []
-        metrics = generation_metrics(predictions, references, state.target_lang) if references else {}
+        # The run's BLEU tokenizer, chosen once in preflight: every evaluation (and `tunesmith eval`) scores alike.
+        metrics = generation_metrics(predictions, references, tokenizer=state.bleu_tokenizer) if references else {}
         lengths = [accumulator.lengths[i] for i in indices]
         return {"loss": accumulator.loss.mean, "samples": len(indices), **metrics,
                 "gen_len": float(np.mean(lengths)) if lengths else 0.0}
