@@ -59,3 +59,31 @@ def data_section(folder: Path, train: list[dict], validation: list[dict], stem: 
     """Writes train and validation rows as JSONL files into `folder`; returns the config's data section."""
     return {"train_file": str(write_jsonl(folder / f"{stem}train.jsonl", train)),
             "validation_file": str(write_jsonl(folder / f"{stem}validation.jsonl", validation))}
+
+
+def byte_level_bpe(corpus: list[str], specials: list[str], vocab_size: int = 400):
+    """A GPT-2/BART/RoBERTa-style byte-level BPE (`tokenizers.Tokenizer`, no prefix space) trained on `corpus`:
+    every byte is in its alphabet, so any text (Chinese included) encodes without unknown tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def fast_tokenizer(tok, **specials):
+    """`tok` as a transformers tokenizer with the given special tokens (`eos_token="</s>"`)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=["input_ids", "attention_mask"], **specials)
+
+
+def save_checkpoint(model, tokenizer, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -19,7 +19,15 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from tunesmith.tasks.contract import ContractExamples, data_section, tiny_checkpoint, write_jsonl
+from tunesmith.tasks.contract import (
+    ContractExamples,
+    byte_level_bpe,
+    data_section,
+    fast_tokenizer,
+    save_checkpoint,
+    tiny_checkpoint,
+    write_jsonl,
+)
 
 # The toy task: word-by-word "translation", word order kept.
 LEXICON = {"one": "un", "two": "deux", "red": "rouge", "blue": "bleu", "big": "grand", "small": "petit",
@@ -98,31 +106,6 @@ def _eos_appended(tok, eos: str):
                                                        special_tokens=[(eos, tok.token_to_id(eos))])
 
 
-def _byte_level_bpe(specials: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus(), trainer)
-    return tok
-
-
-def _fast(tok, **specials):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=["input_ids", "attention_mask"], **specials)
-
-
-def _save(model, tokenizer, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -135,7 +118,7 @@ def build_t5(folder: Path) -> Path:
     _eos_appended(tok, "</s>")
     sentinels = [f"<extra_id_{i}>" for i in reversed(range(SENTINELS))]  # T5's order: <extra_id_0> is the last id
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in sentinels])
-    fast = _fast(tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+    fast = fast_tokenizer(tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                  extra_special_tokens=sentinels[::-1])
     config = T5Config(vocab_size=len(fast), d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_layers=LAYERS,
                       num_decoder_layers=LAYERS, dropout_rate=DROPOUT, num_heads=HEADS,
@@ -143,7 +126,7 @@ def build_t5(folder: Path) -> Path:
                       pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
                       decoder_start_token_id=fast.pad_token_id)
     torch.manual_seed(0)
-    return _save(T5ForConditionalGeneration(config), fast, folder)
+    return save_checkpoint(T5ForConditionalGeneration(config), fast, folder)
 
 
 def build_bart(folder: Path) -> Path:
@@ -151,10 +134,10 @@ def build_bart(folder: Path) -> Path:
     from tokenizers import processors
     from transformers import BartConfig, BartForConditionalGeneration
 
-    tok = _byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok = byte_level_bpe(corpus(), ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     tok.post_processor = processors.RobertaProcessing(
         ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), add_prefix_space=False)
-    fast = _fast(tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+    fast = fast_tokenizer(tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
                  pad_token="<pad>", mask_token="<mask>")
     config = BartConfig(vocab_size=len(fast), d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
                         dropout=DROPOUT, init_std=BART_INIT_STD, encoder_attention_heads=HEADS,
@@ -168,7 +151,7 @@ def build_bart(folder: Path) -> Path:
     # checkpoints carry it in generation_config.json, where generate reads it: the first generated token after
     # decoder_start (</s>) is forced to <s>, as the labels (`<s> ... </s>`) have it.
     model.generation_config.forced_bos_token_id = fast.bos_token_id
-    return _save(model, fast, folder)
+    return save_checkpoint(model, fast, folder)
 
 
 def build_marian(folder: Path) -> Path:
@@ -179,7 +162,7 @@ def build_marian(folder: Path) -> Path:
     tok = _unigram(["</s>", "<unk>"], unk="<unk>")
     _eos_appended(tok, "</s>")
     tok.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])  # Marian's pad is the last id
-    fast = _fast(tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    fast = fast_tokenizer(tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
     config = MarianConfig(vocab_size=len(fast), d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
                           dropout=DROPOUT, init_std=MARIAN_INIT_STD, encoder_attention_heads=HEADS,
                           decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
@@ -187,7 +170,7 @@ def build_marian(folder: Path) -> Path:
                           eos_token_id=fast.eos_token_id, decoder_start_token_id=fast.pad_token_id,
                           forced_eos_token_id=fast.eos_token_id)
     torch.manual_seed(0)
-    return _save(MarianMTModel(config), fast, folder)
+    return save_checkpoint(MarianMTModel(config), fast, folder)
 
 
 def build_bert_encoder(folder: Path) -> Path:
