@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, GPT2Config, GPT2LMHeadModel
 
+from tunesmith.errors import ConfigError
 from tunesmith.config import method_config
 from tunesmith.methods.apply import apply_method, head_module_names
 from tunesmith.tasks.base import Losses, LossTotal
@@ -32,7 +33,7 @@ def test_a_tied_output_embedding_is_not_a_head():
 
 
 def test_frozen_needs_a_head_and_lora_does_not_save_the_vocabulary():
-    with pytest.raises(ValueError, match="frozen trains only the task head"):
+    with pytest.raises(ConfigError, match="nothing would train .* tied to the input embeddings"):
         apply_method(_gpt2_lm(), method_config("frozen"), "CAUSAL_LM")
     lora = apply_method(_gpt2_lm(), method_config("lora", target_modules="all-linear"), "CAUSAL_LM")
     trainable = [name for name, p in lora.named_parameters() if p.requires_grad]

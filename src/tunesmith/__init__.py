@@ -5,6 +5,7 @@ Python API first::
     import tunesmith
     result = tunesmith.train("configs/sst2-minilm.yaml")
     tunesmith.predict(result.run_dir, ["a gorgeous, witty film"])
+    tunesmith.generate("runs/sft", ["Write a haiku about autumn."], max_new_tokens=40)  # causal LM / seq2seq runs
     tunesmith.qa.answer(model, tokenizer, ["Who wrote it?"], ["It was written by Ada."])  # any QA model
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = {"train", "evaluate", "predict", "load", "RunResult", "LoadedRun"}
+_API = {"train", "evaluate", "predict", "generate", "chat", "load", "RunResult", "LoadedRun"}
 
 
 def __getattr__(name: str):

@@ -31,8 +31,8 @@ from tunesmith.speed.first_token import first_token_only
 from tunesmith.tasks import get_task
 from tunesmith.tasks.base import Task, TaskState
 
-__all__ = ["LoadedRun", "RunResult", "evaluate", "load", "load_model", "load_tokenizer", "make_accelerator", "predict",
-           "train"]
+__all__ = ["LoadedRun", "RunResult", "chat", "evaluate", "generate", "load", "load_model", "load_tokenizer", "make_accelerator",
+           "predict", "train"]
 
 log = logging.getLogger("tunesmith")
 distributed.import_deepspeed_only_when_used()
@@ -120,6 +120,20 @@ class LoadedRun:
                                  max_length=self.config.task.max_length, **options)
 
 
+    def generate(self, prompts: list[str], batch_size: int = 16, **settings) -> list[str]:
+        """The generated text for each prompt (a generating family's run: causal LM, seq2seq)."""
+        if not self.task.generates:
+            raise ConfigError(f"'{self.run_dir}' is a {self.task.name} run, which does not generate text; use "
+                              "tunesmith.predict (tunesmith predict RUN_DIR)")
+        return [p["generated_text"] for p in self.predict(list(prompts), batch_size=batch_size, **settings)]
+
+    def chat(self, messages: list[dict], streamer=None, **settings) -> str:
+        """The assistant's reply to a conversation (a list of `{"role", "content"}` turns), rendered with the run's
+        chat template; `streamer` (a transformers streamer) receives the tokens as they are generated."""
+        return self.task.reply(self.model, self.tokenizer, self.state, messages, streamer=streamer,
+                               max_length=self.config.task.max_length, **settings)
+
+
 def load(run_dir: str | os.PathLike) -> LoadedRun:
     """Load a run directory written by `train` (merged model, or base model + adapter)."""
     run_dir = finished_run_dir(Path(run_dir))
@@ -157,6 +171,19 @@ def predict(run_dir: str | os.PathLike | LoadedRun, inputs: list, batch_size: in
         return loaded.predict(inputs, batch_size=batch_size, **options)
 
 
+def generate(run_dir: str | os.PathLike | LoadedRun, prompts: str | list[str], batch_size: int = 16, **settings) -> list[str]:
+    """Generated text for each prompt of a causal-LM or seq2seq run; `settings`: `generation` settings for this call
+    (`max_new_tokens=64, do_sample=True, temperature=0.7, top_p=0.9, stop_strings=["\\n\\n"], seed=0`)."""
+    loaded = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir)
+    return loaded.generate([prompts] if isinstance(prompts, str) else list(prompts), batch_size=batch_size, **settings)
+
+
+def chat(run_dir: str | os.PathLike | LoadedRun, messages: list[dict], streamer=None, **settings) -> str:
+    """The assistant's next reply to `messages` with a chat run's template and generation settings."""
+    loaded = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir)
+    return loaded.chat(messages, streamer=streamer, **settings)
+
+
 def evaluate(run_dir: str | os.PathLike | LoadedRun, data: str | os.PathLike, batch_size: int = 64) -> dict:
     """Metrics of a trained run on a labelled data file (same columns as training)."""
     loaded = run_dir if isinstance(run_dir, LoadedRun) else load(run_dir)
@@ -164,7 +191,8 @@ def evaluate(run_dir: str | os.PathLike | LoadedRun, data: str | os.PathLike, ba
     for line in table.notes:
         log.info(line)
     loaded.task.preflight_eval(loaded.config.task, loaded.state, table)
-    dataset = loaded.task.encode(loaded.config.task, table, loaded.tokenizer, loaded.state)
+    dataset = loaded.task.arrange(loaded.config.task, loaded.task.encode(loaded.config.task, table, loaded.tokenizer, loaded.state),
+                                  False)
     # Class weights shape the training loss only; evaluation reports the plain loss.
     loss_fn = loaded.task.loss_fn(loaded.config.task, loaded.state, None)
     loader = eval_loader(dataset, loaded.tokenizer, batch_size, loaded.task.collator(loaded.tokenizer, loaded.model))

@@ -358,6 +358,91 @@ refresh_family_options()
 app.command()(predict)
 
 
+GenerationOption = Annotated[Optional[str], typer.Option(show_default=False)]
+
+
+def _generation_settings(**given) -> dict:
+    """The generation options given on the command line (strings; validated with the run's `generation` section)."""
+    return {name: value for name, value in given.items() if value not in (None, [])}
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished causal-LM or seq2seq run directory.")],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable); none: one per line on stdin.")] = None,
+    max_new_tokens: GenerationOption = None,
+    do_sample: GenerationOption = None,
+    temperature: GenerationOption = None,
+    top_p: GenerationOption = None,
+    top_k: GenerationOption = None,
+    num_beams: GenerationOption = None,
+    repetition_penalty: GenerationOption = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this string (repeatable).")] = None,
+    seed: GenerationOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array of {prompt, generated_text} on stdout.")] = False,
+) -> None:
+    """Generate text from prompts with a trained run (greedy by default; --do-sample true --temperature 0.7 --top-p 0.9
+    to sample). Unset options keep the run's generation_config.json."""
+    from tunesmith.runs.rundir import finished_run_dir
+
+    try:
+        finished_run_dir(run_dir)
+    except TunesmithError as err:
+        _fail(err)
+    prompts = list(prompt) if prompt else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        _fail(TunesmithError("generate: no prompt; pass --prompt TEXT, or prompts one per line on stdin"))
+    _setup_logging()
+    from tunesmith import api
+
+    settings = _generation_settings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, num_beams=num_beams, repetition_penalty=repetition_penalty, stop_strings=stop)
+    try:
+        loaded = api.load(run_dir)
+        texts = loaded.generate(prompts, **settings, **({"seed": seed} if seed is not None else {}))
+    except TunesmithError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        _interrupted("during generation")
+    if as_json:
+        sys.stdout.write(json.dumps([{"prompt": p, "generated_text": t} for p, t in zip(prompts, texts)], indent=2,
+                                    ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("\n\n".join(texts) + "\n")
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="A finished causal-LM run directory with a chat template.")],
+    system: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's task.system_prompt).")] = None,
+    max_new_tokens: GenerationOption = None,
+    do_sample: GenerationOption = None,
+    temperature: GenerationOption = None,
+    top_p: GenerationOption = None,
+    top_k: GenerationOption = None,
+    repetition_penalty: GenerationOption = None,
+    seed: GenerationOption = None,
+) -> None:
+    """Chat with a trained run in the terminal: the run's chat template, the history kept, the reply streamed."""
+    from tunesmith.runs.rundir import finished_run_dir
+
+    try:
+        finished_run_dir(run_dir)
+    except TunesmithError as err:
+        _fail(err)
+    _setup_logging()
+    from tunesmith import api
+    from tunesmith.cli.chat_loop import run_chat
+
+    settings = _generation_settings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+    try:
+        loaded = api.load(run_dir)
+        run_chat(loaded, input, sys.stdout, system=system, **settings)
+    except TunesmithError as err:
+        _fail(err)
+
+
 @app.command()
 def doctor(
     as_json: Json = False,

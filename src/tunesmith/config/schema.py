@@ -223,6 +223,10 @@ class TrainConfig(Section):
     seed: int = 42
     eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
     eval_steps: int | None = Field(None, gt=0, description="With `eval_strategy: steps`.")
+    eval_on_start: bool | None = Field(
+        None, description="Evaluate once before the first training step (metrics.json's `validation_before_training`). "
+        "Unset: the task's choice (on for language modelling: the perplexity before and after)."
+    )
     logging_steps: int = Field(10, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0, description="Stop after this many evaluations without improvement.")
     metric_for_best_model: str | None = Field(None, description="Defaults per task (accuracy, micro-F1, MSE).")
@@ -298,14 +302,14 @@ class TrainConfig(Section):
 
 
 class GenerationSection(Section):
-    """How generating families (sequence-to-sequence) generate at evaluation and prediction, named like
+    """How generating families (sequence-to-sequence, causal LMs) generate at evaluation and prediction, named like
     `transformers.GenerationConfig`; saved as the model's `generation_config.json`, so plain `generate()`
     does the same. A key left unset keeps the checkpoint's own setting (transformers' default where it has
     none). `tunesmith predict --num-beams/--max-new-tokens` override them per call."""
 
     max_new_tokens: int | None = Field(
-        None, gt=0, description="Most tokens generated per output. Unset: the task's longest target "
-        "(task.max_target_length), never transformers' 20."
+        None, gt=0, description="Most tokens generated per output. Unset: the task's own (seq2seq: task.max_target_length; "
+        "causal LMs: the longest trained answer, rounded up), never transformers' 20."
     )
     num_beams: int | None = Field(None, ge=1, description="Beam search width; 1: greedy (or sampling with do_sample).")
     length_penalty: float | None = Field(
@@ -318,6 +322,10 @@ class GenerationSection(Section):
     temperature: float | None = Field(None, gt=0.0, description="Sampling temperature.")
     top_k: int | None = Field(None, ge=0, description="Sampling: keep the k most likely tokens; 0: all.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Sampling: keep the smallest set of tokens with this probability mass.")
+    stop_strings: list[str] | None = Field(
+        None, description="Stop generating once the output ends with one of these strings (as well as at the end-of-turn "
+        "and EOS tokens)."
+    )
 
 class OutputConfig(Section):
     """Where the run directory is written."""

@@ -59,6 +59,7 @@ def eval_loader(dataset: datasets.Dataset, tokenizer, batch_size: int, collator=
 def padding_share(batch: dict) -> tuple[int, int]:
     """(real tokens, padded slots) of a batch."""
     mask = batch.get("attention_mask")
-    if mask is None:
-        return 0, 0
+    if mask is None:  # packed rows (causal LMs) carry no mask: every slot holds a token of some example
+        ids = batch.get("input_ids")
+        return (ids.numel(), ids.numel()) if ids is not None else (0, 0)
     return int(mask.sum()), int(mask.numel())

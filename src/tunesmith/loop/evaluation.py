@@ -111,6 +111,19 @@ class BestModel:
             self.announce(f"eval @ step {result.global_step}: {self._summary(metrics)}{'  (best)' if improved else ''}")
         return self.patience is not None and result.evaluations_without_improvement >= self.patience
 
+    def before_training(self, result: LoopResult) -> None:
+        """The evaluation before the first step: logged and kept in `result.start_metrics`, never a best model."""
+        start = time.perf_counter()
+        metrics, _ = run_evaluation(self.model, self.loader, self.task, self.state, self.loss_fn, self.accelerator,
+                                    self.references, self.tokenizer)
+        seconds = time.perf_counter() - start
+        result.eval_seconds += seconds
+        result.start_metrics = scalars(metrics)
+        self.logbook.write({"type": "eval", "step": 0, "epoch": 0.0, **result.start_metrics, "eval_seconds": round(seconds, 3),
+                            "is_best": False, "before_training": True})
+        if self.accelerator.is_main_process:
+            self.announce(f"eval before training: {self._summary(metrics)}")
+
     def _summary(self, metrics: dict) -> str:
         """The metric the best model is chosen by, the loss, then the task's headline metrics."""
         shown = dict.fromkeys((self.metric, "loss", *self.task.summary_metrics(self.state)))

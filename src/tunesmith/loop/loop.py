@@ -93,6 +93,9 @@ def train_loop(
         references=eval_references, metric=metric, bigger_better=bigger_better,
         patience=train_cfg.early_stopping_patience, path=checkpoints_dir / "best.safetensors", logbook=logbook,
         announce=console.log if show_progress else log.info, tokenizer=tokenizer)
+    eval_on_start = train_cfg.eval_on_start if train_cfg.eval_on_start is not None else task.evaluate_before_training
+    if best is not None and resume is None and eval_on_start:
+        best.before_training(result)
     batches = ResumableBatches(train_loader, sampler_generator, resume, accelerator)
     progress = progress_line(console, disable=not show_progress or not accelerator.is_main_process)
     meter = _Throughput()

@@ -38,12 +38,19 @@ class LoopResult:
     running_loss: float = 0.0  # the loss summed over those units
     running_count: float = 0.0  # the loss's units (examples or target tokens) since the last logged step
     nonfinite_steps: int = 0  # consecutive skipped updates (fp16 scaler overflows aside)
+    start_metrics: dict | None = None  # the evaluation before the first step (`train.eval_on_start`)
 
     @property
     def samples_per_second(self) -> float:
         """Training throughput: evaluations inside the loop are not counted (as when Trainer runs without them)."""
         seconds = self.train_seconds - self.eval_seconds
         return self.train_samples / seconds if seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Real (not padding) input tokens per training second on this process, evaluations not counted."""
+        seconds = self.train_seconds - self.eval_seconds
+        return self.real_tokens / seconds if seconds > 0 else 0.0
 
     @property
     def padding_share(self) -> float:

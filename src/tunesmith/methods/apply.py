@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tunesmith.config import MethodConfig
+from tunesmith.errors import ConfigError
 
 log = logging.getLogger("tunesmith")
 
@@ -109,8 +110,7 @@ def layer_stacks(module: nn.Module) -> list[nn.ModuleList]:
 
 def _freeze_all_but_head(model: nn.Module, heads: list[str]) -> None:
     if not heads:
-        raise ValueError(f"method frozen trains only the task head, and {type(model).__name__} has none (its output "
-                         "layer is the tied input embedding); use method lora, last_n or full")
+        raise ConfigError(_no_head_to_train(model))
     model.requires_grad_(False)
     for name in heads:  # top-level children, or dotted paths (a seq2seq model's decoder: `model.decoder`)
         model.get_submodule(name).requires_grad_(True)
@@ -256,6 +256,14 @@ def apply_method(model: nn.Module, cfg: MethodConfig, task_type: str, heads: lis
     if counts.trainable == 0:
         raise ValueError(f"method {cfg.name}: no trainable parameters; check method settings")
     return model
+
+
+def _no_head_to_train(model: nn.Module) -> str:
+    tied = sorted(tied_output_names(model))
+    why = (f"its output layer ({', '.join(tied)}) is tied to the input embeddings, so it is the vocabulary itself, "
+           "not a head" if tied else "it has no module apart from the pretrained body")
+    return (f"method frozen: nothing would train on this {type(model).__name__}: {why}; use method lora (or dora/ia3) "
+            "to adapt it cheaply, or last_n / full")
 
 
 def is_peft(model: nn.Module) -> bool:

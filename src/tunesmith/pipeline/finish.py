@@ -48,6 +48,8 @@ def final_metrics(cfg: RunConfig, data: Prepared, devices: Devices, model,
         state = tuned
         val_metrics = task.compute_metrics(val_acc, state)
     metrics: dict[str, Any] = {"validation": val_metrics}
+    if fitted.loop.start_metrics:
+        metrics["validation_before_training"] = fitted.loop.start_metrics
     outputs = {"validation": task.example_outputs(val_acc, state)}
     if "test" in loaders:
         metrics["test"], test_acc = run_evaluation(model, accelerator.prepare(loaders["test"]), task, state, fitted.loss_fn,
@@ -63,6 +65,7 @@ def _train_summary(fitted: Fitted, precision: str) -> dict:
         "global_step": loop.global_step,
         "epochs": loop.epochs_completed,
         "samples_per_second": loop.samples_per_second,
+        "tokens_per_second": loop.tokens_per_second,
         "train_seconds": loop.train_seconds,
         "eval_seconds": loop.eval_seconds,
         **({"feature_cache_seconds": fitted.feature_cache_seconds} if fitted.feature_cache_seconds is not None else {}),

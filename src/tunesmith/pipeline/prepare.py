@@ -71,7 +71,10 @@ def check_data(cfg: RunConfig, checkpoint: Checkpoint | None) -> Prepared:
                           "task is not a cross-entropy over classes or tokens, so smoothing would be ignored; remove it "
                           "(set train.label_smoothing_factor=0)")
     tokenizer = load_tokenizer(cfg.model, **task.tokenizer_kwargs(cfg.task))
+    state, tokenizer_notes = task.with_tokenizer(cfg.task, tables, tokenizer, state)
+    notes += tokenizer_notes
     warnings += task.tokenizer_warnings(cfg.task, tables, tokenizer)
+    choose_default_method(cfg, task, notes)
     for line in notes:
         log.info(line)
     for line in warnings:
@@ -88,12 +91,27 @@ def check_data(cfg: RunConfig, checkpoint: Checkpoint | None) -> Prepared:
     return Prepared(task, tables, state, tokenizer, warnings, notes, run_fingerprint, launcher_fsdp)
 
 
+def choose_default_method(cfg: RunConfig, task: Task, notes: list[str]) -> None:
+    """A config that names no method gets the task's default for its model (recorded in config.yaml, so a resume
+    trains the same way)."""
+    if "method" in cfg.model_fields_set:
+        return
+    chosen = task.default_method(cfg)
+    if chosen and chosen != cfg.method.name:
+        from tunesmith.config.schema import METHOD_CONFIGS
+
+        cfg.method = METHOD_CONFIGS[chosen]()
+        notes.append(f"method: {chosen} (no method set; {chosen} is this task's default for a model of this size: set "
+                     "method: full to train every weight)")
+
+
 def encode_splits(cfg: RunConfig, data: Prepared, accelerator) -> dict:
     """Every split tokenized. Under DDP the first process of each machine tokenizes first and fills the
     cache; the machine's others then read it (as Trainer's main_process_first(local=True)): one
     tokenization per machine whether or not the machines share the cache folder."""
     with accelerator.local_main_process_first():
-        return {split: data.task.encode(cfg.task, table, data.tokenizer, data.state) for split, table in data.tables.items()}
+        return {split: data.task.arrange(cfg.task, data.task.encode(cfg.task, table, data.tokenizer, data.state), split == "train")
+                for split, table in data.tables.items()}
 
 
 def launcher_asked_for_fsdp(cfg: RunConfig) -> bool:

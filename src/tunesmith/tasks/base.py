@@ -108,6 +108,8 @@ class Task(ABC):
     # `frozen` may run the frozen body once and cache its outputs (`train.cache_frozen_features`): the head reads
     # only the base model's outputs. False where the trained part reads the frozen one step by step (a decoder).
     frozen_feature_cache: ClassVar[bool] = True
+    # `train.eval_on_start` unset: whether to evaluate before training (language modelling: perplexity before/after).
+    evaluate_before_training: ClassVar[bool] = False
 
     def reader(self, cfg) -> Callable[[Any, str, str], Table]:
         """Reads one data file (path, encoding, config field) into a Table; task families with their own
@@ -196,6 +198,23 @@ class Task(ABC):
     def tokenizer_warnings(self, cfg, tables: dict[str, Table], tokenizer) -> list[str]:
         """Warnings that need the tokenizer (truncation share, unknown-token share)."""
 
+    def with_tokenizer(self, cfg, tables: dict[str, Table], tokenizer, state: TaskState) -> tuple[TaskState, list[str]]:
+        """Preflight's second half, once the tokenizer is loaded and before any model is: adapt the tokenizer
+        (a chat template, a pad token distinct from EOS; it is saved with the model) and complete the state
+        with what needs it (end-of-turn ids). Returns (state, notes); raises DataError for data that cannot be
+        tokenized as the task needs. Default: both unchanged."""
+        return state, []
+
+    def default_method(self, run_cfg) -> str | None:
+        """The method a run uses when its config names none (causal LMs: `lora` above 100M parameters), decided
+        before any model loads; None: `full`."""
+        return None
+
+    def arrange(self, cfg, dataset: datasets.Dataset, training: bool) -> datasets.Dataset:
+        """An encoded split as the loop reads it: `training` for the train split (causal LMs pack short examples
+        there and leave out the ones with nothing to learn). Default: as encoded."""
+        return dataset
+
     @abstractmethod
     def encode(self, cfg, table: Table, tokenizer, state: dict) -> datasets.Dataset:
         """Tokenize a table (batched `datasets.map`); columns: model inputs, `labels`, `length`."""
@@ -260,6 +279,16 @@ class Task(ABC):
             given = "/".join(f"--{name}" for name in options)
             raise DataError(f"{given}: not an option of {self.name} runs (this run); pass its inputs with --text or --input")
         return read_text_inputs(self.reader(cfg), encoding, input_file, texts, self.input_columns(cfg))
+
+    # The task's `predict` returns {"generated_text"} (`tunesmith generate`, `tunesmith.generate`).
+    generates: ClassVar[bool] = False
+
+    def reply(self, model, tokenizer, state: TaskState, messages: list[dict], streamer=None, **settings) -> str:
+        """The assistant's next turn after `messages` (`tunesmith chat`); only chat-capable families implement it."""
+        from tunesmith.errors import ConfigError
+
+        raise ConfigError(f"a {self.name} run does not chat; chat needs a causal-LM run with a chat template "
+                          "(task.name: causal_lm)")
 
     def before_save(self, model, state: TaskState) -> None:
         """Write what plain transformers should know of the state into the model's config before it is saved

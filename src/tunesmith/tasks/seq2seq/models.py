@@ -7,18 +7,16 @@ from __future__ import annotations
 import logging
 
 import torch
-from pydantic import ValidationError
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
     DataCollatorForSeq2Seq,
     EncoderDecoderModel,
-    GenerationConfig,
 )
 
 from transformers.utils import logging as transformers_logging
 
-from tunesmith.config.schema import GenerationSection
+from tunesmith.generation import apply_settings
 from tunesmith.errors import ConfigError
 
 log = logging.getLogger("tunesmith")
@@ -96,50 +94,14 @@ def set_generation(model, tokenizer, settings: dict, max_target_length: int, tar
     `generate()` reads; the model config's copies are ignored there). Settings left unset keep the checkpoint's
     own (BART-CNN's beams); `max_new_tokens` is always set, never transformers' 20-token default."""
     config = model.config
-    generation = model.generation_config or GenerationConfig.from_model_config(config)
-    for key, value in settings.items():
-        if value is not None:
-            setattr(generation, key, value)
-    generation.max_new_tokens = settings.get("max_new_tokens") or max_target_length
-    generation.decoder_start_token_id = config.decoder_start_token_id
-    generation.pad_token_id = config.pad_token_id
-    if generation.eos_token_id is None:
-        generation.eos_token_id = getattr(config, "eos_token_id", None)
+    fixed = {"decoder_start_token_id": config.decoder_start_token_id, "pad_token_id": config.pad_token_id}
+    eos = (model.generation_config.eos_token_id if model.generation_config is not None else None)
+    if eos is None:
+        fixed["eos_token_id"] = getattr(config, "eos_token_id", None)
     forced = language_token_id(tokenizer, target_lang)
     if forced is not None:  # the first generated token is the target language (mBART-50, M2M, NLLB)
-        generation.forced_bos_token_id = config.forced_bos_token_id = forced
-    try:  # what save_pretrained would refuse, refused now: before the run directory exists
-        generation.validate(strict=True)
-    except ValueError as err:
-        raise ConfigError(f"generation: these settings do not fit together ({' '.join(str(err).split())[:300]}); "
-                          "fix the generation section") from None
-    model.generation_config = generation
-
-
-def generation_overrides(given: dict) -> dict:
-    """Per-call generation settings (`predict(..., num_beams=4)`, `--num-beams 4`), validated like the config's
-    `generation` section (strings from the command line become numbers)."""
-    given = {k: v for k, v in given.items() if v is not None}
-    unknown = sorted(set(given) - set(GenerationSection.model_fields))
-    if unknown:
-        raise ConfigError(f"{', '.join(unknown)}: not a generation setting; expected some of "
-                          f"{', '.join(GenerationSection.model_fields)}")
-    try:
-        section = GenerationSection(**given)
-    except ValidationError as err:
-        problems = [f"{e['loc'][0]} (--{str(e['loc'][0]).replace('_', '-')}): {e['msg'].lower()}, found {e['input']!r}"
-                    for e in err.errors()]
-        raise ConfigError("; ".join(problems) + "; fix the value") from None
-    return {k: getattr(section, k) for k in given}
-
-
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **overrides) -> torch.Tensor:
-    """`generate` with the model's generation config (and overrides); under several processes every process
-    keeps stepping until all have finished (sharded weights are gathered collectively at each step)."""
-    inner = getattr(model, "module", model)  # DDP / DeepSpeed wrap the model
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    synced = distributed and torch.distributed.get_world_size() > 1
-    return inner.generate(input_ids=input_ids, attention_mask=attention_mask, synced_gpus=synced, **overrides)
+        fixed["forced_bos_token_id"] = config.forced_bos_token_id = forced
+    apply_settings(model, settings, max_target_length, **fixed)
 
 
 def generated_lengths(model, generated: torch.Tensor) -> torch.Tensor:

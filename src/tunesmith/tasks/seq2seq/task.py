@@ -18,6 +18,7 @@ import torch
 from tunesmith.data.inputs import InputColumns
 from tunesmith.data.loaders import Table
 from tunesmith.data.tokenize import cached_map
+from tunesmith import generation
 from tunesmith.errors import DataError, summarise
 from tunesmith.metrics.generation import bleu_tokenizer, generation_metrics
 from tunesmith.tasks.base import CardSection, LossTotal, Losses, Task, TaskState
@@ -66,6 +67,7 @@ class Seq2SeqTask(Task):
     pipeline_tag = "text2text-generation"
     frozen_feature_cache = False  # the decoder reads the encoder at every step; `frozen` freezes the encoder
     example_outputs_name = "generated_predictions"
+    generates = True
 
     # ------------------------------------------------------------------ data
 
@@ -170,7 +172,7 @@ class Seq2SeqTask(Task):
 
     def evaluation_batch(self, model, inputs: dict, labels, extras: dict, loss_fn, state, *, tokenizer=None) -> dict:
         losses = loss_fn(self.logits(model(**inputs)), labels)
-        generated = models.generate(model, inputs["input_ids"], inputs.get("attention_mask"))
+        generated = generation.generate(model, inputs["input_ids"], inputs.get("attention_mask"), tokenizer)
         return {"predictions": _decode(tokenizer, generated), "generated_lengths": models.generated_lengths(model, generated),
                 "example_index": extras["example_index"], "loss_sums": losses.sums, "loss_units": losses.units}
 
@@ -226,10 +228,10 @@ class Seq2SeqTask(Task):
 
     @torch.inference_mode()
     def predict(self, model, tokenizer, inputs: list, state: Seq2SeqState, batch_size: int = 64, max_length: int = 512,
-                **generation) -> list[dict]:
-        """Generated text for each source string, in order. `generation`: settings of the `generation` section
+                **settings) -> list[dict]:
+        """Generated text for each source string, in order. `settings`: settings of the `generation` section
         overriding the saved ones for this call (`num_beams=4`, `max_new_tokens=64`)."""
-        overrides = models.generation_overrides(generation)
+        overrides = generation.overrides(settings)
         model.eval()
         device = next(model.parameters()).device
         sources = [state.source_prefix + str(x) for x in inputs]
@@ -240,7 +242,7 @@ class Seq2SeqTask(Task):
             idx = order[start:start + batch_size]
             batch = tokenizer([sources[i] for i in idx], truncation=True, max_length=max_length, padding=True,
                               return_tensors="pt").to(device)
-            generated = models.generate(model, batch["input_ids"], batch.get("attention_mask"), **overrides)
+            generated = generation.generate(model, batch["input_ids"], batch.get("attention_mask"), tokenizer, **overrides)
             for i, text in zip(idx, _decode(tokenizer, generated)):
                 results[i] = {"generated_text": text}
         return results  # type: ignore[return-value]
