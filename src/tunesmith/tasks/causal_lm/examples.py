@@ -15,14 +15,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from tunesmith.tasks.causal_lm.chat import CHATML
 from tunesmith.tasks.contract import ContractExamples, byte_level_bpe, data_section, fast_tokenizer, save_checkpoint, write_jsonl
 
 LEXICON = {"one": "un", "two": "deux", "red": "rouge", "blue": "bleu", "big": "grand", "small": "petit",
            "cat": "chat", "dog": "chien", "bird": "oiseau", "sees": "voit"}
 HIDDEN, HEADS, FFN, LAYERS, POSITIONS = 32, 2, 64, 2, 256
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
           " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
