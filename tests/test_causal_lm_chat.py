@@ -240,3 +240,13 @@ def test_resolve_template_names(tokenizers):
     assert chat.resolve_template(tok, "{{ messages[0]['content'] }}").name == "custom"
     with pytest.raises(ConfigError, match="chatml, plain"):
         chat.resolve_template(tok, "zephyr")
+
+
+def test_example_rows_render(tokenizers):
+    """The contract suite's toy data (examples.py) reads and renders in each format."""
+    tok = tokenizers("smollm")
+    chats = formats.read_conversations(cfg(), table(examples.chat_rows(3)), "messages")
+    assert trained_text(tok, chat.render(chats[0], tok)).count("<|im_end|>") == 2
+    sft = formats.read_conversations(cfg(), table(examples.sft_rows(3)), "prompt_completion")
+    assert all(c and c[1]["role"] == "assistant" for c in sft)
+    assert formats.read_texts(cfg(), table(examples.text_rows(2))) == [r["text"] for r in examples.text_rows(2)]

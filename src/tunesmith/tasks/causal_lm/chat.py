@@ -87,8 +87,13 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     (found by rendering a probe conversation), e.g. `<|im_end|>` on a GPT-2 given chatml, whose eos differs."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if tokenizer.chat_template:
+        import jinja2
+
         probe = "tunesmithprobe"
-        text = _render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], False)
+        try:
+            text = _render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], False)
+        except jinja2.TemplateError:  # a template that wants a system turn first, say: eos alone still stops
+            text = ""
         after = text[text.rfind(probe) + len(probe):] if probe in text else ""
         first = tokenizer(after, add_special_tokens=False).input_ids[:1]
         ids += [i for i in first if i in _added_token_ids(tokenizer)]

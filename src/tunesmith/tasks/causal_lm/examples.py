@@ -113,9 +113,9 @@ def sft_rows(n: int, seed: int = 0) -> list[dict]:
 
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
     found = pairs(2 * n, seed)
-    return [{"messages": [{"role": "user", "content": f"translate: {a}"}, {"role": "assistant", "content": translate(a)},
-                          {"role": "user", "content": f"translate: {b}"}, {"role": "assistant", "content": translate(b)}]}
-            for a, b in zip(found[::2], found[1::2])]
+    return [{"messages": [{"role": "user", "content": f"translate: {a}"}, {"role": "assistant", "content": ta},
+                          {"role": "user", "content": f"translate: {b}"}, {"role": "assistant", "content": tb}]}
+            for (a, ta), (b, tb) in zip(found[::2], found[1::2])]
 
 
 def _data(rows):

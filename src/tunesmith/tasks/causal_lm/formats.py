@@ -147,8 +147,13 @@ def _missing(cfg, table: Table, fmt: str) -> list[str]:
             f"rename the column or set task.format / task.*_column" for c in needed if c not in columns]
 
 
-def _row(cfg, table: Table, i: int, fmt: str) -> tuple[Conversation | None, str | None]:
-    row = {str(k): v for k, v in table.frame.iloc[i].items()}
+def _rows(cfg, table: Table, fmt: str) -> list[tuple[Conversation | None, str | None]]:
+    """(conversation, None) or (None, problem) for each row, in order."""
+    return [_row(cfg, table, i, {str(k): v for k, v in row.items()}, fmt)
+            for i, row in enumerate(table.frame.to_dict("records"))]
+
+
+def _row(cfg, table: Table, i: int, row: dict, fmt: str) -> tuple[Conversation | None, str | None]:
     try:
         turns = _conversation(cfg, row, fmt)
         _learnable(turns)
@@ -163,12 +168,12 @@ def check_conversations(cfg, table: Table, fmt: str) -> list[str]:
     missing = _missing(cfg, table, fmt)
     if missing or fmt == "text":
         return missing
-    return [p for i in range(len(table.frame)) if (p := _row(cfg, table, i, fmt)[1])]
+    return [problem for _, problem in _rows(cfg, table, fmt) if problem]
 
 
 def read_conversations(cfg, table: Table, fmt: str) -> list[Conversation | None]:
     """One conversation per row, in order; None for a row `check_conversations` reports."""
-    return [_row(cfg, table, i, fmt)[0] for i in range(len(table.frame))]
+    return [turns for turns, _ in _rows(cfg, table, fmt)]
 
 
 def read_texts(cfg, table: Table) -> list[str]:
