@@ -250,3 +250,16 @@ def test_example_rows_render(tokenizers):
     sft = formats.read_conversations(cfg(), table(examples.sft_rows(3)), "prompt_completion")
     assert all(c and c[1]["role"] == "assistant" for c in sft)
     assert formats.read_texts(cfg(), table(examples.text_rows(2))) == [r["text"] for r in examples.text_rows(2)]
+
+
+def test_txt_folder_through_make_splits(tmp_path):
+    """A folder as data.train_file reaches the reader (read_file alone refuses folders) and splits like a table."""
+    from tunesmith.config.schema import DataConfig
+    from tunesmith.data.splits import make_splits
+
+    for k in range(10):
+        (tmp_path / f"doc{k:02d}.txt").write_text(f"文档 {k}\n\nsecond {k}", encoding="utf-8")
+    data = DataConfig(train_file=str(tmp_path), validation_split=0.25)
+    tables, notes = make_splits(data, 0, reader=formats.read_text_file)
+    assert len(tables["train"].frame) + len(tables["validation"].frame) == 20
+    assert any("20 documents from 10 .txt file(s)" in n for n in notes)

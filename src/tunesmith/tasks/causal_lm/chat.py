@@ -131,7 +131,11 @@ def _bos_prefix(tokenizer) -> list[int]:
 
 def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Ids and character offsets of a rendered text, with exactly one BOS where the tokenizer wants one."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # a Python (sentencepiece) tokenizer: no offsets to map turns to tokens
+        raise ConfigError(f"tokenizer {type(tokenizer).__name__} gives no character offsets; expected a fast (tokenizers) "
+                          "tokenizer; load the model's tokenizer.json or convert it with transformers") from None
     ids, offsets = list(enc.input_ids), [tuple(o) for o in enc.offset_mapping]
     prefix = _bos_prefix(tokenizer)
     if prefix and ids[:len(prefix)] != prefix:
