@@ -1,14 +1,16 @@
 """Conversations to token ids with per-turn labels, decided while tokenizing, never afterwards.
 
-Bugs this guards against (each seen in the TRL / axolotl / Unsloth trackers):
+Bugs this guards against:
 - Labels masked by comparing with `pad_token_id` when pad == eos (SmolLM2, Qwen, Llama with `pad = eos`): every
-  EOS becomes -100, the model never learns to stop and generates until max_new_tokens. Here labels come from
+  EOS becomes -100, the model never learns to stop and generates until max_new_tokens (huggingface/trl#734,
+  unslothai/unsloth#416, huggingface/alignment-handbook#127, huggingface/blog#1302). Here labels come from
   character spans of each assistant turn, and `choose_pad_token` gives pad an id of its own.
-- Response-template matching (`DataCollatorForCompletionOnlyLM`): the marker tokenizes differently in context
-  (BPE merges across the boundary) and silently matches nothing, so nothing or everything is trained. Here the
-  whole text is tokenized once with offsets and spans are mapped to tokens.
-- Double BOS (Llama 3: the template writes `{{ bos_token }}` and the tokenizer adds one too), or none (Llama 2:
-  the template does not write it and `add_special_tokens=False` drops the tokenizer's): exactly one is kept.
+- Response-template matching (TRL's `DataCollatorForCompletionOnlyLM`): the marker tokenizes differently in
+  context (BPE merges across the boundary) and silently matches nothing. Here the whole text is tokenized once
+  with offsets and spans are mapped to tokens.
+- Double BOS (Llama 3: the template writes `{{ bos_token }}` and the tokenizer adds one too;
+  huggingface/alignment-handbook#127, sgl-project/sglang#888), or none (Llama 2 style: the template does not
+  write it and `add_special_tokens=False` drops the tokenizer's): exactly one is kept.
 - The end-of-turn token (`<|im_end|>`, `<|eot_id|>`) left untrained, so the model runs on into a new turn.
 """
 
