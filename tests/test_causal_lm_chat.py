@@ -93,9 +93,10 @@ def test_check_conversations_names_file_row_and_field():
             {"messages": [CONV[0], {"role": "assistant", "content": "  "}]},
             {"messages": [CONV[0], {"role": "assistant", "content": None}]},
             {"messages": "not json"},
-            {"messages": json.dumps({"role": "user"})}]
+            {"messages": json.dumps({"role": "user"})},
+            {"messages": None}]
     problems = formats.check_conversations(cfg(), table(rows, "chat.csv"), "messages")
-    assert len(problems) == 5
+    assert len(problems) == 6 and problems[5].startswith("chat.csv line 7: 'messages' is empty")
     assert problems[0].startswith("chat.csv line 2: ") and "no assistant turn" in problems[0]
     assert problems[1].startswith("chat.csv line 3: ") and "turn 2 (assistant) is empty" in problems[1]
     assert problems[2].startswith("chat.csv line 4: ") and "'messages' turn 2 content" in problems[2] and "not text" in problems[2]
@@ -128,6 +129,8 @@ def test_txt_folder_reads_every_file_sorted(tmp_path):
     (tmp_path / "b" / "two.txt").write_text("二\n\ndeux", encoding="utf-8")
     (tmp_path / "a.txt").write_text("一", encoding="utf-8")
     (tmp_path / "skip.md").write_text("not read", encoding="utf-8")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a.txt").write_text("a stale copy", encoding="utf-8")
     t = formats.read_text_file(tmp_path, "utf-8", "data.train_file", column="body")
     assert list(t.frame["body"]) == ["一", "二", "deux"]
     assert t.where(2) == f"{tmp_path} b/two.txt line 3"

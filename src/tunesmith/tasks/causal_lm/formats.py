@@ -58,6 +58,8 @@ def _empty(value) -> bool:
 
 def _as_list(value, what: str):
     """A cell of turns as a Python list: JSON text (a CSV cell) parsed, Parquet's numpy arrays listed."""
+    if _empty(value):
+        raise ValueError(f"{what} is empty")
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -212,7 +214,9 @@ def read_text_file(path, encoding: str = "utf-8", field: str = "data.train_file"
         return read_file(path, encoding, field)  # a save_to_disk folder or an error, as for every family
     if not path.is_dir() and path.suffix.lower() != ".txt":
         return read_file(path, encoding, field)
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    # Hidden folders (.git, .ipynb_checkpoints) hold copies, not corpus.
+    files = sorted(f for f in path.rglob("*.txt") if not any(p.startswith(".") for p in f.relative_to(path).parts)) \
+        if path.is_dir() else [path]
     rows, labels = [], []
     for file in files:
         name = file.relative_to(path).as_posix() if path.is_dir() else ""
