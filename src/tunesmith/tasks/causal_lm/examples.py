@@ -15,14 +15,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from tunesmith.tasks.causal_lm.chat import CHATML
 from tunesmith.tasks.contract import ContractExamples, byte_level_bpe, data_section, fast_tokenizer, save_checkpoint, write_jsonl
 
 LEXICON = {"one": "un", "two": "deux", "red": "rouge", "blue": "bleu", "big": "grand", "small": "petit",
            "cat": "chat", "dog": "chien", "bird": "oiseau", "sees": "voit"}
 HIDDEN, HEADS, FFN, LAYERS, POSITIONS = 32, 2, 64, 2, 256
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
           " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
@@ -114,9 +113,9 @@ def sft_rows(n: int, seed: int = 0) -> list[dict]:
 
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
     found = pairs(2 * n, seed)
-    return [{"messages": [{"role": "user", "content": f"translate: {a}"}, {"role": "assistant", "content": translate(a)},
-                          {"role": "user", "content": f"translate: {b}"}, {"role": "assistant", "content": translate(b)}]}
-            for a, b in zip(found[::2], found[1::2])]
+    return [{"messages": [{"role": "user", "content": f"translate: {a}"}, {"role": "assistant", "content": ta},
+                          {"role": "user", "content": f"translate: {b}"}, {"role": "assistant", "content": tb}]}
+            for (a, ta), (b, tb) in zip(found[::2], found[1::2])]
 
 
 def _data(rows):
