@@ -8,12 +8,13 @@ from typing import Any
 
 from tunesmith.tasks.registry import Family, families, get_task, register, unregister
 
-from tunesmith.tasks import classification, question_answering, seq2seq, token_classification  # noqa: E402
+from tunesmith.tasks import classification, masked_lm, question_answering, seq2seq, token_classification  # noqa: E402
 
 register(classification.FAMILY)  # the first registered family is the default task
 register(token_classification.FAMILY)
 register(question_answering.FAMILY)
 register(seq2seq.FAMILY)
+register(masked_lm.FAMILY)
 
 
 def __getattr__(name: str) -> Any:

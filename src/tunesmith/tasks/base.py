@@ -108,6 +108,9 @@ class Task(ABC):
     # `frozen` may run the frozen body once and cache its outputs (`train.cache_frozen_features`): the head reads
     # only the base model's outputs. False where the trained part reads the frozen one step by step (a decoder).
     frozen_feature_cache: ClassVar[bool] = True
+    # The collator puts token ids into training inputs that the data does not have (masked LM's random
+    # replacement): the CPU trick that trains only the data's embedding rows (speed/embedding_rows.py) is skipped.
+    inserts_any_token: ClassVar[bool] = False
 
     def reader(self, cfg) -> Callable[[Any, str, str], Table]:
         """Reads one data file (path, encoding, config field) into a Table; task families with their own
