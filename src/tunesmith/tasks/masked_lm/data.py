@@ -62,10 +62,22 @@ def encode_lines(cfg, texts: list[str], tokenizer) -> dict:
     return {"input_ids": encoded["input_ids"], "word_ids": words}
 
 
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer puts before and after a single text ([CLS] ... [SEP], <s> ... </s>): read
+    from how it encodes one word (transformers 5 tokenizers have no `build_inputs_with_special_tokens`)."""
+    encoded = tokenizer("a", add_special_tokens=True, return_special_tokens_mask=True)
+    ids, specials = encoded["input_ids"], encoded["special_tokens_mask"]
+    content = [i for i, s in enumerate(specials) if not s]
+    if not content:
+        return [], []
+    return ids[:content[0]], ids[content[-1] + 1:]
+
+
 def encode_blocks(cfg, texts: list[str], tokenizer) -> dict:
     """All texts concatenated (without special tokens) and cut into blocks of max_length with the tokenizer's
     special tokens around each (as run_mlm.py's group_texts); the last, shorter block is kept."""
-    inner = cfg.max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    before, after = special_frame(tokenizer)
+    inner = cfg.max_length - len(before) - len(after)
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     ids, words, offset = [], [], 0
     for i, text in enumerate(texts):
@@ -75,13 +87,10 @@ def encode_blocks(cfg, texts: list[str], tokenizer) -> dict:
         offset = max([offset - 1, *numbers]) + 1
     blocks = {"input_ids": [], "word_ids": []}
     for start in range(0, len(ids), inner):
-        block = tokenizer.build_inputs_with_special_tokens(ids[start:start + inner])
         piece = words[start:start + inner]
         first = min([w for w in piece if w >= 0], default=0)
-        specials = tokenizer.get_special_tokens_mask(block, already_has_special_tokens=True)
-        numbers = iter(w - first if w >= 0 else -1 for w in piece)
-        blocks["input_ids"].append(block)
-        blocks["word_ids"].append([-1 if s else next(numbers) for s in specials])
+        blocks["input_ids"].append([*before, *ids[start:start + inner], *after])
+        blocks["word_ids"].append([-1] * len(before) + [w - first if w >= 0 else -1 for w in piece] + [-1] * len(after))
     return blocks
 
 

@@ -26,6 +26,7 @@ class MaskedLMState(TaskState):
     mlm_probability: float = 0.15
     whole_word_masking: bool = False
     pseudo_perplexity_samples: int = 64
+    top_k: int = 5
 
 
 class MaskedLMTask(Task):
@@ -57,7 +58,7 @@ class MaskedLMTask(Task):
         problems = [p for table in tables.values() for p in data.text_problems(table, cfg.text_column)]
         if problems:
             raise DataError(summarise(problems))
-        return MaskedLMState(cfg.mlm_probability, cfg.whole_word_masking, cfg.pseudo_perplexity_samples), []
+        return MaskedLMState(cfg.mlm_probability, cfg.whole_word_masking, cfg.pseudo_perplexity_samples, cfg.top_k), []
 
     def preflight_eval(self, cfg, state, table) -> None:
         problems = data.text_problems(table, cfg.text_column)
@@ -188,7 +189,7 @@ class MaskedLMTask(Task):
 
     @torch.inference_mode()
     def predict(self, model, tokenizer, inputs: list, state, batch_size: int = 64, max_length: int = 512,
-                top_k: int = 5) -> list[dict]:
+                top_k: int | None = None) -> list[dict]:
         """Per input: for each mask token, the `top_k` fill-ins (`token`, `token_id`, `score`, `sequence`), as
         transformers' fill-mask pipeline gives them."""
         mask = tokenizer.mask_token
@@ -196,6 +197,7 @@ class MaskedLMTask(Task):
         if missing:
             raise DataError(f"input {missing[0] + 1}: no {mask} token in {str(inputs[missing[0]])[:80]!r}; expected "
                             f"text with {mask} where a word should be filled in")
+        top_k = min(top_k or getattr(state, "top_k", 5), len(tokenizer))
         model.eval()
         device = next(model.parameters()).device
         results = []
