@@ -92,7 +92,7 @@ def test_an_unregistered_family_is_an_error_again(toy_family):
     unregister("toy")
     try:
         (problem,) = problems_of({"task": {"name": "toy"}})
-        assert "task.name: expected 'classification', 'token_classification', 'question_answering', 'seq2seq', found 'toy'" in problem
+        assert "task.name: expected 'classification', 'token_classification', 'question_answering', 'seq2seq', 'masked_lm', found 'toy'" in problem
     finally:
         register(Family(name="toy", config=toy_family.ToyTaskConfig, task="toy_family:ToyTask"))
 
