@@ -34,7 +34,7 @@ def problems_of(raw) -> list[str]:
 
 
 def test_the_builtin_families_in_order_and_the_first_is_the_default():
-    assert list(families()) == ["classification", "token_classification", "question_answering", "seq2seq"]
+    assert list(families()) == ["classification", "token_classification", "question_answering", "seq2seq", "masked_lm"]
     assert isinstance(RunConfig().task, ClassificationTaskConfig)
     assert isinstance(parse_config({"task": {"max_length": 16}}).task, ClassificationTaskConfig)
     cfg = parse_config({"task": "question_answering"})
