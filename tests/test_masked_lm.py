@@ -230,3 +230,18 @@ def test_predict_fills_each_mask(mlm_dir):
     assert masks[0][0]["sequence"].split()[1] == masks[0][0]["token"]
     with pytest.raises(DataError, match=r"no \[MASK\] token"):
         task.predict(model, tok, ["no mask here"], None)
+
+
+def test_frozen_trains_the_head_transform_and_refuses_a_head_that_is_only_the_tied_decoder(mlm_dir):
+    from tunesmith.config import parse_config
+    from tunesmith.errors import ConfigError
+
+    task = get_task("masked_lm")
+    model = transformers.AutoModelForMaskedLM.from_pretrained(mlm_dir)
+    assert task.head_modules(model) == ["cls.predictions.transform"]
+    cfg = parse_config({"task": {"name": "masked_lm"}, "method": {"name": "frozen"}})
+    tok = AutoTokenizer.from_pretrained(mlm_dir)
+    task.configure_model(model, tok, cfg, None)  # a head of its own: fine
+    model.cls.predictions.transform = torch.nn.Identity()
+    with pytest.raises(ConfigError, match="frozen would train nothing"):
+        task.configure_model(model, tok, cfg, None)

@@ -105,6 +105,10 @@ class MaskedLMTask(Task):
         # Read by the collator (which is handed the model); kept in config.json as a record of the training.
         model.config.mlm_probability = cfg.task.mlm_probability
         model.config.whole_word_masking = cfg.task.whole_word_masking
+        if cfg.method.name == "frozen" and not self.head_modules(model):
+            raise ConfigError(f"method frozen: the masked-LM head of {type(model).__name__} is only its output layer, "
+                              "which is tied to the input embeddings, so frozen would train nothing (or, untied from "
+                              "them, the whole vocabulary); use method last_n, lora or full")
 
     def head_modules(self, model) -> list[str]:
         """The MLM head's own layers (BERT's transform), not its decoder: that is tied to the input embedding, so
