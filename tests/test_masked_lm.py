@@ -22,7 +22,7 @@ from tunesmith.tasks.masked_lm.data import encode_table, read_text_or_table, wor
 from tunesmith.tasks.masked_lm.masking import MaskingCollator, MaskingRule, example_generator, mask_example
 from tunesmith.tasks.masked_lm.metrics import token_log_likelihoods
 
-from tiny import corpus, sentiment_rows, tiny_config, write_csv
+from tiny import sentiment_rows, tiny_config, write_csv
 
 WORDS = ["the", "cats", "dogs", "sleep", "run", "here", "now", "always"]
 

@@ -12,10 +12,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from tunesmith.data.inputs import InputColumns
 from tunesmith.errors import ConfigError, DataError, summarise
 from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
 from tunesmith.tasks.masked_lm import data
-from tunesmith.tasks.masked_lm.masking import IGNORE, MaskingCollator, MaskingRule
+from tunesmith.tasks.masked_lm.masking import MaskingCollator, MaskingRule
 from tunesmith.tasks.masked_lm.metrics import MaskedLMAccumulator, masked_correct, token_log_likelihoods
 
 log = logging.getLogger("tunesmith")
@@ -183,6 +184,9 @@ class MaskedLMTask(Task):
         return ("accuracy", "perplexity")
 
     # ------------------------------------------------------------------ use
+
+    def input_columns(self, cfg) -> InputColumns:
+        return InputColumns(cfg.text_column)
 
     def card(self, state) -> CardSection:
         return CardSection("fill-mask", kind="masked language modelling", usage=[
