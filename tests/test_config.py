@@ -89,7 +89,7 @@ def test_typo_in_an_override_is_reported_the_same_way():
         ({"method": "lorra"},
          "method.name: expected 'full', 'last_n', 'frozen', 'lora', 'dora', 'ia3', found 'lorra'; did you mean 'lora'?"),
         ({"task": {"name": "classificaton"}}, "task.name: expected 'classification', 'token_classification', "
-         "'question_answering', 'seq2seq', found 'classificaton'; did you mean 'classification'?"),
+         "'question_answering', 'seq2seq', 'masked_lm', found 'classificaton'; did you mean 'classification'?"),
         # A union type: one message at the key's own path, not one per pydantic branch.
         (
             {"task": {"class_weights": "balance"}},

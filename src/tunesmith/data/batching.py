@@ -26,7 +26,11 @@ def _model_columns(dataset: datasets.Dataset, collator=None) -> list[str]:
 def train_loader(
     dataset: datasets.Dataset, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int = 0, collator=None
 ) -> DataLoader:
-    """`collator` pads a batch (default `DataCollatorWithPadding`; token tasks pad labels with -100)."""
+    """`collator` pads a batch (default `DataCollatorWithPadding`; token tasks pad labels with -100). A collator
+    that draws at random (masked LM's dynamic masking) gives the training copy of itself by `for_training(seed)`;
+    the loop tells that copy each epoch (`set_epoch`) so its draws depend on (seed, epoch, example) only."""
+    if hasattr(collator, "for_training"):
+        collator = collator.for_training(seed)
     generator = torch.Generator().manual_seed(seed)
     if group_by_length:
         sampler = LengthGroupedSampler(batch_size, lengths=list(dataset["length"]), generator=generator)

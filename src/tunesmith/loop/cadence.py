@@ -62,6 +62,10 @@ class ResumableBatches:
     def epoch(self, result: LoopResult):
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(result.epoch)
+        # Before the iterator starts (workers copy the collator then): a collator drawing per epoch (masking).
+        collate_epoch = getattr(getattr(self.loader, "collate_fn", None), "set_epoch", None)
+        if collate_epoch is not None:
+            collate_epoch(result.epoch)
         skip = result.batches_in_epoch  # > 0 only when resuming mid-epoch
         if self.generator is not None:
             if result.epoch_sampler_state is not None:

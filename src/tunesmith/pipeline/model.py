@@ -43,7 +43,8 @@ def build_model(cfg: RunConfig, data: Prepared, devices: Devices, train_data, cl
     # `parameters()`, which would report the model as half its size.
     params = str(count_parameters(model))
     model, speed = apply_speed_options(model, cfg.train, cfg.method.name, devices.threads, sequence_head=data.task.sequence_head,
-                                       device_type=devices.device.type, train_data=train_data,
+                                       device_type=devices.device.type,
+                                       train_data=None if data.task.inserts_any_token else train_data,
                                        pad_token_id=data.tokenizer.pad_token_id, cleanup=cleanup)
     warnings = check_memory(model, cfg, devices.precision.precision, train_data)
     return Built(model, params, speed, warnings)

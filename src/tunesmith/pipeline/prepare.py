@@ -83,6 +83,9 @@ def check_data(cfg: RunConfig, checkpoint: Checkpoint | None) -> Prepared:
         cfg.train.cache_frozen_features = False  # recorded so in config.yaml: a resume runs the same way
         notes.append(f"train.cache_frozen_features: off for {cfg.task.name} (its trained part reads the frozen one at "
                      "every step; nothing to cache once)")
+    if task.inserts_any_token and cfg.train.cpu.effective("skip_unseen_embedding_rows"):
+        notes.append(f"train.cpu.skip_unseen_embedding_rows: not applied for {cfg.task.name} (its training inputs "
+                     "carry tokens the data does not have, so every embedding row trains)")
     launcher_fsdp = launcher_asked_for_fsdp(cfg)  # before the fingerprint: it becomes train.fsdp=true
     run_fingerprint = fingerprint(cfg, tables)
     if checkpoint is not None:  # the same config and data, checked before any model loads

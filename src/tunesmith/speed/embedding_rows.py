@@ -18,7 +18,8 @@ the full matrix (tested). Evaluation, reads of `.weight` and the checkpoints see
 It applies only where that holds: a plain, trained `nn.Embedding` (not frozen by the method, no
 `max_norm`, not sparse) that no other module shares (tied output embeddings get every row's
 gradient), on CPU, without FSDP2/DeepSpeed sharding. The trained batches must carry only the data's
-token ids: a training batch with another id raises (the tasks' collators only pad).
+token ids: a training batch with another id raises (the tasks' collators only pad; a task whose collator
+inserts other ids, masked LM's random replacement, sets `Task.inserts_any_token` and the swap is not made).
 """
 
 from __future__ import annotations

@@ -8,13 +8,21 @@ from typing import Any
 
 from tunesmith.tasks.registry import Family, families, get_task, register, unregister
 
-from tunesmith.tasks import causal_lm, classification, question_answering, seq2seq, token_classification  # noqa: E402
+from tunesmith.tasks import (  # noqa: E402
+    causal_lm,
+    classification,
+    masked_lm,
+    question_answering,
+    seq2seq,
+    token_classification,
+)
 
 register(classification.FAMILY)  # the first registered family is the default task
 register(token_classification.FAMILY)
 register(question_answering.FAMILY)
 register(seq2seq.FAMILY)
 register(causal_lm.FAMILY)
+register(masked_lm.FAMILY)
 
 
 def __getattr__(name: str) -> Any:

@@ -110,6 +110,9 @@ class Task(ABC):
     frozen_feature_cache: ClassVar[bool] = True
     # `train.eval_on_start` unset: whether to evaluate before training (language modelling: perplexity before/after).
     evaluate_before_training: ClassVar[bool] = False
+    # The collator puts token ids into training inputs that the data does not have (masked LM's random
+    # replacement): the CPU trick that trains only the data's embedding rows (speed/embedding_rows.py) is skipped.
+    inserts_any_token: ClassVar[bool] = False
 
     def reader(self, cfg) -> Callable[[Any, str, str], Table]:
         """Reads one data file (path, encoding, config field) into a Table; task families with their own
