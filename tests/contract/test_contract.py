@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import tunesmith
 from tunesmith.config import METHOD_CONFIGS
+from tunesmith.errors import ConfigError
 from tunesmith.loop.interrupt import TrainingInterrupted
 
 from conftest import contract_examples, family_names
@@ -90,6 +91,10 @@ def test_every_method_trains_and_predicts(family, method, checkpoints, tmp_path)
     examples, model = _setup(family, checkpoints)
     cfg = run_config(examples, model, tmp_path, max_steps=2)
     cfg["method"] = {"name": method, **METHOD_OPTIONS.get(method, {})}
+    if method in examples.refused_methods:
+        with pytest.raises(ConfigError, match=f"method {method}"):
+            tunesmith.train(cfg, show_progress=False)
+        return
     run = tunesmith.train(cfg, show_progress=False)
     assert run.metrics["train"]["global_step"] == 2
     assert len(tunesmith.predict(run.run_dir, examples.predict_inputs)) == len(examples.predict_inputs)

@@ -17,6 +17,9 @@ class ContractExamples:
     task: dict  # the config's task section
     predict_inputs: list  # what Task.predict / tunesmith.predict take
     train: dict = field(default_factory=dict)  # train-section settings under which a few epochs overfit the data
+    # Methods this model must refuse with a ConfigError before training (a decoder whose output layer is tied to
+    # its embeddings has no head for `frozen` to train).
+    refused_methods: tuple[str, ...] = ()
 
 
 def tiny_checkpoint(folder: Path, words: Iterable[str], model_class: str = "AutoModelForMaskedLM") -> Path:

@@ -67,7 +67,7 @@ def build_gpt2(folder: Path) -> Path:
     return save_checkpoint(GPT2LMHeadModel(config), fast, folder)
 
 
-def _llama(folder: Path, specials: list[str], bos: str | None, template: str, **tokens) -> Path:
+def _llama(folder: Path, specials: list[str], bos: str | None, template: str, tied: bool = False, **tokens) -> Path:
     import torch
     from tokenizers import processors
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -80,7 +80,7 @@ def _llama(folder: Path, specials: list[str], bos: str | None, template: str, **
     fast.chat_template = template
     config = LlamaConfig(vocab_size=len(fast), hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
                          num_attention_heads=HEADS, num_key_value_heads=1, max_position_embeddings=POSITIONS,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=tied,
                          initializer_range=0.1, pad_token_id=fast.pad_token_id)
     torch.manual_seed(0)
     return save_checkpoint(LlamaForCausalLM(config), fast, folder)
@@ -93,7 +93,9 @@ def build_llama3(folder: Path) -> Path:
 
 def build_smollm(folder: Path) -> Path:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    return _llama(folder, specials, None, CHATML, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    # SmolLM2 ties its output layer to the embeddings (Llama 3 8B does not)
+    return _llama(folder, specials, None, CHATML, tied=True, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                  unk_token="<|endoftext|>")
 
 
 # --------------------------------------------------------------------------- data
@@ -132,14 +134,15 @@ def _bad_data(folder: Path) -> dict:
 
 
 def contract_examples() -> dict[str, ContractExamples]:
-    def examples(build, rows, task: dict, inputs: list, epochs: int) -> ContractExamples:
+    def examples(build, rows, task: dict, inputs: list, epochs: int, tied: bool) -> ContractExamples:
         return ContractExamples(build_model=build, write_data=_data(rows), write_bad_data=_bad_data,
                                 task={"name": "causal_lm", "max_length": 64, "sample_prompts": 1, **task},
-                                predict_inputs=inputs, train={"num_train_epochs": epochs, "learning_rate": 3e-3})
+                                predict_inputs=inputs, train={"num_train_epochs": epochs, "learning_rate": 3e-3},
+                                refused_methods=("frozen",) if tied else ())
 
     prompts = ["translate: one red cat", "translate: two big dog sees bird"]
     return {
-        "gpt2-text": examples(build_gpt2, text_rows, {"block_size": 32}, ["one red cat", "two big"], 30),
-        "llama3-sft": examples(build_llama3, sft_rows, {}, prompts, 30),
-        "smollm-chat": examples(build_smollm, chat_rows, {"packing": True}, prompts, 30),
+        "gpt2-text": examples(build_gpt2, text_rows, {"block_size": 32}, ["one red cat", "two big"], 30, tied=True),
+        "llama3-sft": examples(build_llama3, sft_rows, {}, prompts, 30, tied=False),
+        "smollm-chat": examples(build_smollm, chat_rows, {"packing": True}, prompts, 30, tied=True),
     }

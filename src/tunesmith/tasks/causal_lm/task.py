@@ -10,6 +10,7 @@ a few validation prompts; prediction generates (`generation` section, saved as g
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -90,7 +91,7 @@ class CausalLMTask(Task):
     # ------------------------------------------------------------------ data
 
     def reader(self, cfg: CausalLMTaskConfig):
-        return formats.read_text_file
+        return functools.partial(formats.read_text_file, column=cfg.text_column)
 
     def stratify_key(self, cfg: CausalLMTaskConfig):
         return lambda frame: None
@@ -113,9 +114,13 @@ class CausalLMTask(Task):
         notes = []
         template = None
         if state.chat:
-            template = chat.resolve_template(tokenizer, cfg.chat_template)
+            choice = chat.resolve_template(tokenizer, cfg.chat_template)
+            template = choice.name
             notes.append(f"chat template: {template}" + (" (the tokenizer has none; set task.chat_template to choose)"
                                                          if template == "chatml" and cfg.chat_template == "auto" else ""))
+            if choice.added_tokens:
+                notes.append(f"tokenizer: added {', '.join(choice.added_tokens)} for the {template} template (new "
+                             "embedding rows, initialised at the mean of the others)")
         pad_note = chat.choose_pad_token(tokenizer)
         if pad_note:
             notes.append(pad_note)
@@ -131,7 +136,7 @@ class CausalLMTask(Task):
         fmt = formats.detect_format(cfg, list(train.frame.columns), train.source)
         unlearnable = []
         for i, conversation in enumerate(formats.read_conversations(cfg, train, fmt)):
-            rendered = chat.render(conversation, tokenizer, cfg.train_on, cfg.max_length)
+            rendered = chat.render(conversation, tokenizer, cfg.train_on, cfg.max_length, where=train.where(i))
             if rendered.truncated or not any(label != IGNORE for label in rendered.labels):
                 unlearnable.append(i)
         if not unlearnable:
@@ -307,9 +312,14 @@ def prompt_token_ids(tokenizer, state: CausalLMState, text) -> list[int]:
     if not state.chat:
         return tokenizer(str(text))["input_ids"]
     messages = list(text) if isinstance(text, (list, tuple)) else [{"role": "user", "content": str(text)}]
-    if state.system_prompt and messages[0].get("role") != "system":
-        messages = [{"role": "system", "content": state.system_prompt}, *messages]
-    return chat.prompt_ids(messages, tokenizer)
+    return chat.prompt_ids(_with_system(messages, state.system_prompt), tokenizer)
+
+
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`task.system_prompt` before a conversation that has no system turn of its own (training and generation alike)."""
+    if not system_prompt or (messages and messages[0].get("role") == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def generate_texts(model, tokenizer, prompts: list[list[int]], streamer=None, **settings) -> list[str]:
