@@ -89,15 +89,15 @@ def test_predict_options_come_from_the_registry():
         name: Literal["toy_options"] = "toy_options"
 
     register(Family("toy_options", ToyConfig, "tunesmith.tasks.classification.task:ClassificationTask",
-                    predict_options=(PredictOption("temperature", "Toy: a sampling temperature.", feeds="predict"),)))
+                    predict_options=(PredictOption("toy_knob", "Toy: a knob.", feeds="predict"),)))
     try:
         cli.refresh_family_options()
-        assert "--temperature" in CliRunner().invoke(cli.app, ["predict", "--help"]).output
-        assert cli._family_options("toy_options", {"temperature": "0.7", "question": None}) == ({}, {"temperature": "0.7"})
+        assert "--toy-knob" in CliRunner().invoke(cli.app, ["predict", "--help"]).output
+        assert cli._family_options("toy_options", {"toy_knob": "0.7", "question": None}) == ({}, {"toy_knob": "0.7"})
         assert cli._family_options("question_answering", {"question": ["Q?"]}) == ({"question": ["Q?"]}, {})
         with pytest.raises(TunesmithError, match="--question applies to question_answering runs only; this run is classification"):
             cli._family_options("classification", {"question": ["Who?"]})
     finally:
         unregister("toy_options")
         cli.refresh_family_options()
-    assert "--temperature" not in CliRunner().invoke(cli.app, ["predict", "--help"]).output
+    assert "--toy-knob" not in CliRunner().invoke(cli.app, ["predict", "--help"]).output

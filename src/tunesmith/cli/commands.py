@@ -358,7 +358,18 @@ refresh_family_options()
 app.command()(predict)
 
 
-GenerationOption = Annotated[Optional[str], typer.Option(show_default=False)]
+def _generation_option(text: str):
+    return Annotated[Optional[str], typer.Option(show_default=False, help=f"{text} (default: the run's generation_config.json).")]
+
+
+MaxNewTokens = _generation_option("Most tokens generated per output")
+DoSample = _generation_option("Sample (true) instead of greedy or beam decoding (false)")
+Temperature = _generation_option("Sampling temperature")
+TopP = _generation_option("Sampling: keep the smallest set of tokens with this probability mass")
+TopK = _generation_option("Sampling: keep the k most likely tokens")
+NumBeams = _generation_option("Beam search width")
+RepetitionPenalty = _generation_option("Penalty on tokens already generated (1.0: none)")
+Seed = Annotated[Optional[str], typer.Option(show_default=False, help="Random seed: the same seed samples the same text.")]
 
 
 def _generation_settings(**given) -> dict:
@@ -370,15 +381,15 @@ def _generation_settings(**given) -> dict:
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="A finished causal-LM or seq2seq run directory.")],
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable); none: one per line on stdin.")] = None,
-    max_new_tokens: GenerationOption = None,
-    do_sample: GenerationOption = None,
-    temperature: GenerationOption = None,
-    top_p: GenerationOption = None,
-    top_k: GenerationOption = None,
-    num_beams: GenerationOption = None,
-    repetition_penalty: GenerationOption = None,
+    max_new_tokens: MaxNewTokens = None,
+    do_sample: DoSample = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    num_beams: NumBeams = None,
+    repetition_penalty: RepetitionPenalty = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this string (repeatable).")] = None,
-    seed: GenerationOption = None,
+    seed: Seed = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON array of {prompt, generated_text} on stdout.")] = False,
 ) -> None:
     """Generate text from prompts with a trained run (greedy by default; --do-sample true --temperature 0.7 --top-p 0.9
@@ -415,13 +426,13 @@ def generate(
 def chat(
     run_dir: Annotated[Path, typer.Argument(help="A finished causal-LM run directory with a chat template.")],
     system: Annotated[Optional[str], typer.Option(help="System prompt (default: the run's task.system_prompt).")] = None,
-    max_new_tokens: GenerationOption = None,
-    do_sample: GenerationOption = None,
-    temperature: GenerationOption = None,
-    top_p: GenerationOption = None,
-    top_k: GenerationOption = None,
-    repetition_penalty: GenerationOption = None,
-    seed: GenerationOption = None,
+    max_new_tokens: MaxNewTokens = None,
+    do_sample: DoSample = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    repetition_penalty: RepetitionPenalty = None,
+    seed: Seed = None,
 ) -> None:
     """Chat with a trained run in the terminal: the run's chat template, the history kept, the reply streamed."""
     from tunesmith.runs.rundir import finished_run_dir

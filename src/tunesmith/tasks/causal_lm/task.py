@@ -302,7 +302,7 @@ class CausalLMTask(Task):
         model.eval()
         _seed(seed)
         chat_state = state if state.chat else dataclasses.replace(state, format="messages")
-        prompt = _last(prompt_token_ids(tokenizer, chat_state, messages), max_length)
+        prompt = _last(_fitting_prompt(tokenizer, chat_state, list(messages), max_length), max_length)
         return generate_texts(model, tokenizer, [prompt], streamer=streamer, **overrides)[0]
 
 
@@ -334,6 +334,19 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], streamer=None, **
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _fitting_prompt(tokenizer, state: CausalLMState, messages: list[dict], max_length: int | None) -> list[int]:
+    """A conversation's prompt ids, its oldest turns dropped (system turns kept) while it is longer than the model
+    was trained on, so a long chat keeps whole recent turns rather than a cut-off one."""
+    ids = prompt_token_ids(tokenizer, state, messages)
+    while max_length and len(ids) > max_length:
+        oldest = next((i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"), None)
+        if oldest is None:
+            break
+        messages = messages[:oldest] + messages[oldest + 1:]
+        ids = prompt_token_ids(tokenizer, state, messages)
+    return ids
 
 
 def _last(ids: list[int], max_length: int | None) -> list[int]:
