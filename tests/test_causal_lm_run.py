@@ -155,3 +155,13 @@ def test_lora_is_the_default_above_100m_parameters(tmp_path):
     cfg = _run_config(small)
     choose_default_method(cfg, task, notes)
     assert cfg.method.name == "full"
+
+
+def test_the_output_ends_before_a_stop_string(text_run):
+    run = tunesmith.load(text_run)
+    free = run.generate(["one red"], max_new_tokens=12)[0]
+    words = free.split()
+    assert len(words) >= 3, free
+    stop = " " + words[2]  # greedy output is stable: stop at its third word
+    cut = run.generate(["one red"], max_new_tokens=12, stop_strings=[stop])[0]
+    assert stop not in cut and free.startswith(cut)

@@ -330,7 +330,17 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], streamer=None, **
     ids = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
     output = generation.generate(model, ids, mask, tokenizer, **({"streamer": streamer} if streamer else {}), **settings)
-    return [text.strip() for text in tokenizer.batch_decode(output[:, longest:], skip_special_tokens=True)]
+    texts = tokenizer.batch_decode(output[:, longest:], skip_special_tokens=True)
+    stops = settings.get("stop_strings") or getattr(getattr(model, "module", model).generation_config, "stop_strings", None)
+    return [_before_stop(text, stops).strip() for text in texts]
+
+
+def _before_stop(text: str, stops) -> str:
+    """The text before the first stop string: transformers stops *after* writing it, OpenAI-style APIs and chat UIs
+    leave it out."""
+    for stop in [stops] if isinstance(stops, str) else stops or []:
+        text = text.split(stop, 1)[0] if stop else text
+    return text
 
 
 # --------------------------------------------------------------------------- helpers
