@@ -165,3 +165,17 @@ def test_the_output_ends_before_a_stop_string(text_run):
     stop = " " + words[2]  # greedy output is stable: stop at its third word
     cut = run.generate(["one red"], max_new_tokens=12, stop_strings=[stop])[0]
     assert stop not in cut and free.startswith(cut)
+
+
+def test_lora_leaves_an_untied_output_layer_frozen(tmp_path):
+    from tunesmith.config.schema import METHOD_CONFIGS
+    from tunesmith.methods.apply import apply_method
+
+    folder = contract_examples()["llama3-sft"].build_model(tmp_path / "llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    task = get_task("causal_lm")
+    wrapped = apply_method(model, METHOD_CONFIGS["lora"](), task.peft_task_type, task.head_modules(model),
+                           task.adapter_saved_modules(model))
+    trained = [name for name, p in wrapped.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in name for name in trained), trained[:5]

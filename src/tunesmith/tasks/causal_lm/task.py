@@ -193,6 +193,11 @@ class CausalLMTask(Task):
     def model_kwargs(self, state: CausalLMState) -> dict:
         return {}
 
+    def adapter_saved_modules(self, model) -> list[str]:
+        # The output layer is pretrained, not new: an adapter run leaves it frozen (as peft and TRL do), instead of
+        # training and saving a vocabulary-sized matrix whole beside a few MB of adapter.
+        return []
+
     def default_method(self, run_cfg) -> str | None:
         return "lora" if _parameter_count(run_cfg.model) > LORA_ABOVE else None
 
