@@ -179,3 +179,18 @@ def test_lora_leaves_an_untied_output_layer_frozen(tmp_path):
                            task.adapter_saved_modules(model))
     trained = [name for name, p in wrapped.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in name for name in trained), trained[:5]
+
+
+@pytest.mark.parametrize("kernel, message", [("flash_attention_2", "install it"), ("nonsense", "not one this model supports")])
+def test_an_unavailable_attention_kernel_is_a_config_error(kernel, message, tmp_path):
+    from tunesmith.errors import ConfigError
+
+    ex = contract_examples()["gpt2-text"]
+    (tmp_path / "data").mkdir()
+    cfg = {"model": {"name_or_path": str(ex.build_model(tmp_path / "model")), "attn_implementation": kernel},
+           "data": ex.write_data(tmp_path / "data"), "task": ex.task, "output_dir": str(tmp_path / "run"),
+           "train": {"max_steps": 1}}
+    with pytest.raises(ConfigError, match=message):
+        tunesmith.train(cfg, show_progress=False)
+    assert not (tmp_path / "run" / "model").exists()
+

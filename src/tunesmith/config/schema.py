@@ -34,6 +34,11 @@ class ModelConfig(Section):
     tokenizer_name_or_path: str | None = Field(None, description="Tokenizer, if not the model's own.")
     trust_remote_code: bool = Field(False, description="Run custom model code from the hub. Off unless set.")
     gguf_file: str | None = Field(None, description="GGUF file inside `name_or_path` to load (dequantized).")
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel, as transformers' `attn_implementation`: `sdpa`, `eager`, `flash_attention_2` "
+        "(CUDA with flash-attn installed: packed rows run as variable-length sequences, no padding), or a hub kernel "
+        "name. Unset: transformers' choice (SDPA where the model supports it)."
+    )
     allow_pickle: bool = Field(
         False, description="Also load pickled `.bin` weights (they can run code when loaded); safetensors only by default."
     )

@@ -66,9 +66,16 @@ def load_model(run_cfg: RunConfig, task: Task, state: TaskState, tokenizer) -> t
             dtype=torch.float32,
             ignore_mismatched_sizes=True,
             use_safetensors=True if safetensors_only else None,
+            **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
             **task.model_kwargs(state),
         )
+    except ImportError as err:  # a kernel that is not installed here (flash-attn on a CPU machine)
+        raise ConfigError(f"model.attn_implementation={cfg.attn_implementation}: {str(err).splitlines()[0][:200]}; "
+                          "install it, or unset model.attn_implementation (sdpa)") from None
     except (OSError, ValueError) as err:
+        if cfg.attn_implementation and "attn_implementation" in str(err):
+            raise ConfigError(f"model.attn_implementation: '{cfg.attn_implementation}' is not one this model supports "
+                              f"({str(err).splitlines()[0][:200]}); unset it or pick sdpa / eager") from None
         pickled = safetensors_only and Path(source).is_dir() and any(Path(source).glob("*.bin"))
         if pickled:
             raise ConfigError(
