@@ -194,3 +194,25 @@ def test_an_unavailable_attention_kernel_is_a_config_error(kernel, message, tmp_
         tunesmith.train(cfg, show_progress=False)
     assert not (tmp_path / "run" / "model").exists()
 
+
+
+def test_a_folder_of_text_files_trains_and_each_file_is_in_the_provenance(tmp_path):
+    import hashlib
+
+    ex = contract_examples()["gpt2-text"]
+    corpus = tmp_path / "corpus"
+    (corpus / "notes").mkdir(parents=True)
+    (corpus / ".git").mkdir()
+    (corpus / "a.txt").write_text("one red cat sees two big dog\n\ntwo big dog sees one red cat\n", encoding="utf-8")
+    (corpus / "notes" / "b.txt").write_text("红色的猫看见大狗\n\n大狗看见红色的猫\n", encoding="utf-8")
+    (corpus / ".git" / "c.txt").write_text("not corpus\n", encoding="utf-8")
+    cfg = {"model": {"name_or_path": str(ex.build_model(tmp_path / "model"))},
+           "data": {"train_file": str(corpus), "validation_file": str(corpus / "a.txt")},
+           "task": {**ex.task, "block_size": 16}, "output_dir": str(tmp_path / "run"), "train": {"max_steps": 2}}
+    run_dir = Path(tunesmith.train(cfg, show_progress=False).run_dir)
+    files = json.loads((run_dir / "provenance.json").read_text())["data_files"]
+    assert sorted(Path(p).name for p in files) == ["a.txt", "b.txt"]
+    b = corpus / "notes" / "b.txt"
+    assert files[str(b)]["sha256"] == hashlib.sha256(b.read_bytes()).hexdigest()
+    assert not any(".git" in p for p in files)
+    assert json.loads((run_dir / "metrics.json").read_text())["validation"]["tokens"] > 0

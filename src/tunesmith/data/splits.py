@@ -131,5 +131,14 @@ def _head(table: Table, n: int, seed: int) -> Table:
 
 
 def data_file_paths(cfg: DataConfig) -> list[Path]:
-    paths = [cfg.train_file, cfg.validation_file, cfg.test_file]
-    return [Path(p) for p in paths if p and Path(p).is_file()]
+    """The files a run read its data from (provenance hashes each): a data folder (a folder of text files, a
+    save_to_disk folder) counts every file in it, hidden ones (.git, .ipynb_checkpoints) left out."""
+    found = []
+    for given in (cfg.train_file, cfg.validation_file, cfg.test_file):
+        path = Path(given) if given else None
+        if path is not None and path.is_file():
+            found.append(path)
+        elif path is not None and path.is_dir():
+            found += sorted(f for f in path.rglob("*")
+                            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    return found
