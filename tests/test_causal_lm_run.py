@@ -216,3 +216,12 @@ def test_a_folder_of_text_files_trains_and_each_file_is_in_the_provenance(tmp_pa
     assert files[str(b)]["sha256"] == hashlib.sha256(b.read_bytes()).hexdigest()
     assert not any(".git" in p for p in files)
     assert json.loads((run_dir / "metrics.json").read_text())["validation"]["tokens"] > 0
+
+
+def test_the_model_card_shows_the_metrics_before_and_after(chat_run):
+    card = (chat_run / "README.md").read_text()
+    metrics = json.loads((chat_run / "metrics.json").read_text())
+    before, after = metrics["validation_before_training"]["perplexity"], metrics["validation"]["perplexity"]
+    assert "| metric | before training | after |" in card
+    assert f"| perplexity | {before:.4f} | {after:.4f} |" in card
+    assert "apply_chat_template" in card

@@ -375,7 +375,12 @@ def provenance(cfg: RunConfig, data_files: list[Path], precision: dict, extra: d
     }
 
 
-def _metric_rows(metrics: dict) -> str:
+def _metric_rows(metrics: dict, before: dict | None = None) -> str:
+    """The metrics as a table; with `before` (the same split evaluated before training), both columns."""
+    if before:
+        rows = [f"| {k} | {before[k]:.4f} | {v:.4f} |" for k, v in metrics.items()
+                if isinstance(v, float) and isinstance(before.get(k), float)]
+        return "\n".join(["| metric | before training | after |", "|---|---|---|", *rows])
     rows = [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)]
     return "\n".join(["| metric | value |", "|---|---|", *rows])
 
@@ -402,7 +407,7 @@ def model_card(cfg: RunConfig, section, metrics: dict, base_model: str, params: 
         "",
         "## Validation metrics (best checkpoint)",
         "",
-        _metric_rows(valid),
+        _metric_rows(valid, metrics.get("validation_before_training")),
         "",
     ]
     if test:
