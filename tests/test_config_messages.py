@@ -344,7 +344,7 @@ def test_pipeline_names_live_on_the_task_classes():
     from tunesmith.config import task_configs
     from tunesmith.tasks.classification.config import ClassificationTaskConfig
 
-    assert {m.pipeline_tag for m in task_configs()} == {"text-classification", "token-classification", "question-answering", "text2text-generation"}
+    assert {m.pipeline_tag for m in task_configs()} == {"text-classification", "token-classification", "question-answering", "text2text-generation", "text-generation", "fill-mask"}
     assert "pipeline_tag" not in ClassificationTaskConfig.model_fields  # not a config key
 
 

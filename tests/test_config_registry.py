@@ -34,7 +34,7 @@ def problems_of(raw) -> list[str]:
 
 
 def test_the_builtin_families_in_order_and_the_first_is_the_default():
-    assert list(families()) == ["classification", "token_classification", "question_answering", "seq2seq", "masked_lm"]
+    assert list(families()) == ["classification", "token_classification", "question_answering", "seq2seq", "causal_lm", "masked_lm"]
     assert isinstance(RunConfig().task, ClassificationTaskConfig)
     assert isinstance(parse_config({"task": {"max_length": 16}}).task, ClassificationTaskConfig)
     cfg = parse_config({"task": "question_answering"})
@@ -92,7 +92,7 @@ def test_an_unregistered_family_is_an_error_again(toy_family):
     unregister("toy")
     try:
         (problem,) = problems_of({"task": {"name": "toy"}})
-        assert "task.name: expected 'classification', 'token_classification', 'question_answering', 'seq2seq', 'masked_lm', found 'toy'" in problem
+        assert "task.name: expected 'classification', 'token_classification', 'question_answering', 'seq2seq', 'causal_lm', 'masked_lm', found 'toy'" in problem
     finally:
         register(Family(name="toy", config=toy_family.ToyTaskConfig, task="toy_family:ToyTask"))
 
