@@ -48,6 +48,11 @@ def test_the_run_reports_before_and_after_and_keeps_sample_generations(chat_run)
     samples = [json.loads(line) for line in (chat_run / "validation_generated_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 1 and samples[0]["prompt"].endswith("<|im_start|>assistant\n")
     assert samples[0]["reference"] and "<|im_end|>" not in samples[0]["reference"]
+    evals = [json.loads(line) for line in (chat_run / "log.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["type"] == "eval"]
+    assert evals[0].get("before_training") and len(evals) >= 2
+    assert all(len(e["generated_samples"]) == 1 for e in evals)  # every evaluation's samples, in the log
+    assert evals[-1]["generated_samples"][0]["prompt"] == samples[0]["prompt"]
 
 
 def test_the_saved_model_generates_the_way_training_formatted(chat_run):

@@ -88,8 +88,8 @@ class BestModel:
     def evaluate(self, result: LoopResult, epoch: float) -> bool:
         """Evaluate at the current step; returns True when early stopping triggers."""
         start = time.perf_counter()
-        metrics, _ = run_evaluation(self.model, self.loader, self.task, self.state, self.loss_fn, self.accelerator,
-                                    self.references, self.tokenizer)
+        metrics, accumulator = run_evaluation(self.model, self.loader, self.task, self.state, self.loss_fn, self.accelerator,
+                                              self.references, self.tokenizer)
         value = metrics.get(self.metric)
         if value is None:
             available = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)))
@@ -105,7 +105,8 @@ class BestModel:
         seconds = time.perf_counter() - start
         result.eval_seconds += seconds
         self.logbook.write({"type": "eval", "step": result.global_step, "epoch": round(epoch, 4), **scalars(metrics),
-                            "eval_seconds": round(seconds, 3), "is_best": improved})
+                            "eval_seconds": round(seconds, 3), "is_best": improved,
+                            **self.task.evaluation_log_fields(accumulator, self.state)})
         result.last_eval_step = result.global_step
         if self.accelerator.is_main_process:
             self.announce(f"eval @ step {result.global_step}: {self._summary(metrics)}{'  (best)' if improved else ''}")
@@ -114,13 +115,14 @@ class BestModel:
     def before_training(self, result: LoopResult) -> None:
         """The evaluation before the first step: logged and kept in `result.start_metrics`, never a best model."""
         start = time.perf_counter()
-        metrics, _ = run_evaluation(self.model, self.loader, self.task, self.state, self.loss_fn, self.accelerator,
-                                    self.references, self.tokenizer)
+        metrics, accumulator = run_evaluation(self.model, self.loader, self.task, self.state, self.loss_fn, self.accelerator,
+                                              self.references, self.tokenizer)
         seconds = time.perf_counter() - start
         result.eval_seconds += seconds
         result.start_metrics = scalars(metrics)
         self.logbook.write({"type": "eval", "step": 0, "epoch": 0.0, **result.start_metrics, "eval_seconds": round(seconds, 3),
-                            "is_best": False, "before_training": True})
+                            "is_best": False, "before_training": True,
+                            **self.task.evaluation_log_fields(accumulator, self.state)})
         if self.accelerator.is_main_process:
             self.announce(f"eval before training: {self._summary(metrics)}")
 

@@ -264,6 +264,11 @@ class Task(ABC):
         `<split>_<example_outputs_name>.jsonl` (generation: source, reference, prediction); None: none."""
         return None
 
+    def evaluation_log_fields(self, accumulator, state) -> dict:
+        """Small non-numeric fields written with each evaluation's line in log.jsonl (a language model's sample
+        generations, so their progress over training can be read back); {}: none."""
+        return {}
+
     def after_training(self, cfg, state: dict, accumulator) -> dict:
         """Calibrate on validation outputs of the best model (e.g. tune a threshold); returns updated state."""
         return state

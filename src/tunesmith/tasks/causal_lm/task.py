@@ -256,6 +256,9 @@ class CausalLMTask(Task):
     def summary_metrics(self, state) -> tuple[str, ...]:
         return ("perplexity", "token_accuracy")
 
+    def evaluation_log_fields(self, accumulator: EvalTotals, state) -> dict:
+        return {"generated_samples": self.example_outputs(accumulator, state)} if accumulator.samples else {}
+
     def example_outputs(self, accumulator: EvalTotals, state) -> list[dict] | None:
         return [accumulator.samples[i] for i in sorted(accumulator.samples)] or None
 
