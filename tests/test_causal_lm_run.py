@@ -230,3 +230,31 @@ def test_the_model_card_shows_the_metrics_before_and_after(chat_run):
     assert "| metric | before training | after |" in card
     assert f"| perplexity | {before:.4f} | {after:.4f} |" in card
     assert "apply_chat_template" in card
+
+
+def test_evaluate_a_text_run_on_a_txt_file(text_run, tmp_path):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("one red cat sees two big dog\n\n两只大狗\n", encoding="utf-8")
+    metrics = tunesmith.evaluate(text_run, held_out)
+    assert metrics["tokens"] > 0 and metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["loss"], rel=1e-6)
+    result = CliRunner().invoke(app, ["eval", str(text_run), str(held_out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+
+
+def test_documents_end_with_one_eos_whatever_the_tokenizer_adds(tmp_path):
+    from tunesmith.data.loaders import Table
+    import pandas as pd
+
+    task = get_task("causal_lm")
+    tok = transformers.AutoTokenizer.from_pretrained(contract_examples()["gpt2-text"].build_model(tmp_path / "m"))
+    cfg = parse_config({"model": {"name_or_path": "x"}, "task": {"name": "causal_lm", "block_size": 64}}, "t").task
+    table = Table(pd.DataFrame({"text": ["one red cat", "two big dog"]}), "t.txt", lambda i: f"line {i}")
+    plain = task.encode(cfg, table, tok, task.state_type())["input_ids"][0]
+    assert plain.count(tok.eos_token_id) == 2
+    from tokenizers import processors
+
+    eos = tok.eos_token
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, tok.eos_token_id)])
+    adds = task.encode(cfg, table, tok, task.state_type())["input_ids"][0]
+    assert adds == plain  # the tokenizer's own EOS is not doubled

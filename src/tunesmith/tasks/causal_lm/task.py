@@ -398,7 +398,8 @@ def _encode_text(cfg: CausalLMTaskConfig, table: Table, tokenizer) -> datasets.D
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):
-        docs = [ids + [eos] for ids in tokenizer(batch["text"])["input_ids"]]
+        # A tokenizer that already ends each text with EOS (Llama 2's add_eos_token) gets no second one.
+        docs = [ids if ids[-1:] == [eos] else ids + [eos] for ids in tokenizer(batch["text"])["input_ids"]]
         if cfg.packing is False:
             rows = [row for doc in docs for row in block_rows([doc], cfg.block_size)]
         else:
