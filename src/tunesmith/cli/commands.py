@@ -23,6 +23,8 @@ from tunesmith.errors import EXIT_USER_ERROR, TunesmithError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune, evaluate and use transformer models.")
 config_app = typer.Typer(no_args_is_help=True, help="Show, validate, create and document run configs.")
 app.add_typer(config_app, name="config")
+model_app = typer.Typer(no_args_is_help=True, help="Bring checkpoints into tunesmith (GGUF import).")
+app.add_typer(model_app, name="model")
 console = Console(stderr=True)
 out = Console()
 EXIT_INTERRUPTED = 130  # shell convention for Ctrl-C: 128 + SIGINT
@@ -632,3 +634,23 @@ def _refuse_dashed_overrides(args: list[str]) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@model_app.command("import")
+def model_import(
+    file: Annotated[Path, typer.Argument(help="A llama.cpp .gguf file (quantized or not).")],
+    out: Annotated[Path, typer.Argument(help="A new folder for the transformers model.")],
+    dtype: Annotated[str, typer.Option(help="Weights stored as float32 or bfloat16.")] = "float32",
+) -> None:
+    """Write a GGUF file as a plain transformers folder (safetensors, tokenizer with chat template, no quantization
+    attributes) that trains like any model: `model.name_or_path: OUT`. A quantized file gives a dequantized model."""
+    _setup_logging()
+    from tunesmith.convert.gguf import import_gguf
+
+    try:
+        result = import_gguf(file, out, dtype)
+    except TunesmithError as err:
+        _fail(err)
+    for line in result.notes:
+        console.print(f"note: {line}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {result.folder} ({result.architecture}, {result.parameters:,} parameters, {dtype})", highlight=False)

@@ -1,0 +1,1 @@
+"""Checkpoint conversion into plain transformers folders (GGUF import); no torch at import time."""
