@@ -225,6 +225,11 @@ class TrainConfig(Section):
         "classification, sequence-to-sequence targets); 0: none. As in `Trainer`, the losses logged during training, "
         "evaluations included, are smoothed; `tunesmith eval` reports the plain loss."
     )
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0.0, description="NEFTune (Jain et al. 2023): while training, uniform noise of size alpha / sqrt(length x "
+        "hidden) is added to the input embeddings (5 is the paper's choice for instruction tuning); never in evaluation, "
+        "generation or the saved model. Unset: none."
+    )
     seed: int = 42
     eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
     eval_steps: int | None = Field(None, gt=0, description="With `eval_strategy: steps`.")

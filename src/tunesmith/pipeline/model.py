@@ -46,8 +46,21 @@ def build_model(cfg: RunConfig, data: Prepared, devices: Devices, train_data, cl
                                        device_type=devices.device.type,
                                        train_data=None if data.task.inserts_any_token else train_data,
                                        pad_token_id=data.tokenizer.pad_token_id, cleanup=cleanup)
+    if cfg.train.neftune_noise_alpha:
+        cleanup.callback(_neftune(model, cfg).remove)
     warnings = check_memory(model, cfg, devices.precision.precision, train_data)
     return Built(model, params, speed, warnings)
+
+
+def _neftune(model, cfg: RunConfig):
+    from tunesmith.methods.neftune import add_neftune
+
+    if cfg.method.name == "frozen" and cfg.train.cache_frozen_features:
+        raise ConfigError("train.neftune_noise_alpha: with method frozen and train.cache_frozen_features the embeddings "
+                          "run once before training, so there is nothing to add noise to; set "
+                          "train.cache_frozen_features=false or unset train.neftune_noise_alpha")
+    log.info("train.neftune_noise_alpha=%s: noise on the input embeddings while training", cfg.train.neftune_noise_alpha)
+    return add_neftune(model, cfg.train.neftune_noise_alpha)
 
 
 def load_model(run_cfg: RunConfig, task: Task, state: TaskState, tokenizer) -> torch.nn.Module:
