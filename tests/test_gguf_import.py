@@ -113,6 +113,9 @@ def test_the_imported_folder_is_a_plain_model_with_the_same_outputs(tiny_gguf, t
     assert torch.equal(imported, _gguf_logits(tiny_gguf, ids))
     assert result.parameters == sum(p.numel() for p in model.parameters())
     assert result.file_type == "MOSTLY_Q8_0" and result.quantized
+    import tunesmith
+
+    assert tunesmith.import_gguf is import_gguf  # the public name
 
 
 def test_the_tokenizer_round_trips_and_keeps_the_chat_template(tiny_gguf, tmp_path):

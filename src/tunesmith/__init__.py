@@ -22,6 +22,10 @@ def __getattr__(name: str):
         from tunesmith import api
 
         return getattr(api, name)
+    if name == "import_gguf":  # `tunesmith model import`
+        from tunesmith.convert.gguf import import_gguf
+
+        return import_gguf
     if name == "qa":  # `tunesmith.qa.answer`: question answering with any AutoModelForQuestionAnswering
         import importlib
 
@@ -29,4 +33,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")
 
 
-__all__ = sorted(_API) + ["__version__", "qa"]
+__all__ = sorted(_API) + ["__version__", "import_gguf", "qa"]
