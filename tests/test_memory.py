@@ -182,12 +182,12 @@ def test_estimate_matches_the_peak_rss_of_a_real_run(tmp_path):
         pd.DataFrame(rows).to_csv({str(tmp_path / "train.csv")!r}, index=False)
         seen = {{}}
         check = phase.check_memory
-        def spy(model, cfg, precision, data, device=None):
+        def spy(model, cfg, precision, data, device=None, **kwargs):
             seen["rss"] = psutil.Process().memory_info().rss
             from tunesmith.speed.memory import estimate_training_memory
             seen["estimate"] = estimate_training_memory(model, batch_size=16, seq_len=256, eval_batch_size=64,
                                                         heap_reuse=cfg.train.cpu.reuse_freed_memory).training
-            return check(model, cfg, precision, data, device)
+            return check(model, cfg, precision, data, device, **kwargs)
         phase.check_memory = spy
         tunesmith.train({{"data": {{"train_file": {str(tmp_path / "train.csv")!r}, "max_eval_samples": 32}},
                           "task": {{"max_length": 256}}, "output": {{"dir": {str(tmp_path / "run")!r}}},
@@ -222,3 +222,30 @@ def test_deepspeed_zero_stages_divide_what_they_partition(tmp_path, tiny_bert, s
     else:
         with pytest.raises(ResourceError, match="exceeds the 12.00 GiB of RAM"):
             check_memory(_bert(), cfg, "fp32", device="cpu")
+
+
+def test_a_large_vocabulary_s_logits_are_counted_and_named(tmp_path):
+    """A 50k-vocabulary causal LM at 2 x 1024: the plain loss would hold 2 x 1024 x 50k logits (1.1 GiB with softmax
+    and gradient); the chunked loss one chunk of 1024 tokens (half that). Both are in the estimate and its breakdown."""
+    import transformers
+
+    from tunesmith.config import parse_config
+    from tunesmith.speed.memory import LOGIT_BYTES, estimate_training_memory
+    from tunesmith.tasks import get_task
+
+    config = transformers.LlamaConfig(vocab_size=50_000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    task = get_task("causal_lm")
+    cfg = parse_config({"task": {"name": "causal_lm", "loss_chunk_tokens": 1024}}, "t").task
+    chunked = task.logits_elements(model, cfg, 2, 1024)
+    assert chunked == 1024 * 50_000
+    plain = get_task("masked_lm").logits_elements(model, cfg, 2, 1024)  # the default: every position
+    assert plain == 2 * 1024 * 50_000
+    base = estimate_training_memory(model, batch_size=2, seq_len=1024)
+    found = estimate_training_memory(model, batch_size=2, seq_len=1024, logits_elements=chunked)
+    assert found.training - base.training == LOGIT_BYTES * chunked
+    assert "logits 585.9 MiB" in found.breakdown()
+    assert get_task("classification").logits_elements(transformers.BertForSequenceClassification(
+        transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)),
+        None, 8, 128) == 0

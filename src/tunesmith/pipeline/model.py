@@ -48,7 +48,8 @@ def build_model(cfg: RunConfig, data: Prepared, devices: Devices, train_data, cl
                                        pad_token_id=data.tokenizer.pad_token_id, cleanup=cleanup)
     if cfg.train.neftune_noise_alpha:
         cleanup.callback(_neftune(model, cfg).remove)
-    warnings = check_memory(model, cfg, devices.precision.precision, train_data)
+    warnings = check_memory(model, cfg, devices.precision.precision, train_data,
+                            logits_elements=lambda batch, length: data.task.logits_elements(model, cfg.task, batch, length))
     return Built(model, params, speed, warnings)
 
 

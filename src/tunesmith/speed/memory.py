@@ -41,6 +41,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,9 @@ LORA_PER_INPUT = 1.25  # LoRA dropout: the dropped input and its mask, per adapt
 # heap outgrows the live tensors (most at long sequences: +1.3 GiB of peak RSS for MiniLM at 8 x 512 in
 # fp32, none at 32 x 32). Activations and workspace are counted this much larger on CPU then.
 HEAP_FRAGMENTATION = 1.25
+# Bytes per logit a vocabulary-sized output holds at the loss: its fp32 value, the softmax cross-entropy keeps for
+# backward, and the gradient of the same size (a 49k vocabulary at 2 x 1024 tokens: 1.1 GiB).
+LOGIT_BYTES = 12
 CUDA_CONTEXT = 600 * 1024**2
 
 
@@ -90,11 +94,12 @@ class MemoryEstimate:
     workspace: int
     batch_size: int
     seq_len: int
+    logits: int = 0  # the output layer's logits at their peak: fp32 values, their softmax and their gradient
 
     @property
     def training(self) -> int:
         """What training adds to a loaded model."""
-        return self.gradients + self.optimizer + self.autocast + self.activations + self.workspace
+        return self.gradients + self.optimizer + self.autocast + self.activations + self.workspace + self.logits
 
     @property
     def total(self) -> int:
@@ -110,6 +115,7 @@ class MemoryEstimate:
         parts = [("weights", self.weights), ("gradients", self.gradients), ("AdamW state", self.optimizer)]
         parts += [("autocast copies", self.autocast)] if self.autocast else []
         parts += [(f"activations for batch {self.batch_size} x {self.seq_len} tokens", self.activations), ("workspace", self.workspace)]
+        parts += [("logits", self.logits)] if self.logits else []
         return ", ".join(f"{name} {_gib(size)}" for name, size in parts)
 
 
@@ -180,9 +186,11 @@ def estimate_training_memory(
     eval_batch_size: int | None = None,
     device: str = "cpu",
     heap_reuse: bool = False,
+    logits_elements: int = 0,
 ) -> MemoryEstimate:
     """Peak memory of training `model` (method applied) on batches of `batch_size` x `seq_len` tokens.
-    `heap_reuse`: `train.cpu.reuse_freed_memory` is on (see HEAP_FRAGMENTATION)."""
+    `heap_reuse`: `train.cpu.reuse_freed_memory` is on (see HEAP_FRAGMENTATION). `logits_elements`: how many
+    logits the task's loss holds at once (`Task.logits_elements`): fp32 values, softmax and gradient each."""
     seen, total, trainable = set(), 0, 0
     weight_bytes = 0
     for p in model.parameters():
@@ -227,6 +235,7 @@ def estimate_training_memory(
         workspace=int(workspace),
         batch_size=batch_size,
         seq_len=seq_len,
+        logits=LOGIT_BYTES * int(logits_elements),
     )
 
 
@@ -271,9 +280,11 @@ def _longest(lengths, max_length: int) -> int:
     return max(1, min(longest, max_length))
 
 
-def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device: str | None = None) -> list[str]:
+def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device: str | None = None,
+                 logits_elements: Callable[[int, int], int] | None = None) -> list[str]:
     """Raise `ResourceError` if training `model` as configured cannot fit; return a warning if it barely does.
-    `train_data`: the encoded train set (its `length` column gives the longest example)."""
+    `train_data`: the encoded train set (its `length` column gives the longest example); `logits_elements(batch,
+    length)`: the logits the task's loss holds at once (`Task.logits_elements`)."""
     if not getattr(cfg.train, "memory_check", True):
         return []
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -298,6 +309,7 @@ def check_memory(model: nn.Module, cfg, precision: str, train_data=None, device:
             model, batch_size=batch, seq_len=seq_len, precision=precision, gradient_checkpointing=checkpointing,
             eval_batch_size=cfg.train.per_device_eval_batch_size, device=device,
             heap_reuse=bool(cfg.train.cpu.effective("reuse_freed_memory")),
+            logits_elements=logits_elements(batch, seq_len) if logits_elements else 0,
         )
         return dataclasses.replace(found, weights=split(found.weights, 3), gradients=split(found.gradients, 2),
                                    optimizer=split(found.optimizer, 1), autocast=split(found.autocast, 3))

@@ -264,6 +264,15 @@ class Task(ABC):
         `<split>_<example_outputs_name>.jsonl` (generation: source, reference, prediction); None: none."""
         return None
 
+    def logits_elements(self, model, cfg, batch_size: int, length: int) -> int:
+        """How many logits the training loss holds at once for a batch (the memory preflight counts 12 bytes each:
+        value, softmax, gradient). Default: a vocabulary-sized output layer (a language-model head) at every
+        position, else 0 (a classification or tagging head is small beside the activations)."""
+        inner = getattr(model, "module", model)
+        output = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+        vocabulary = getattr(output, "out_features", None) or getattr(getattr(output, "weight", None), "shape", [0])[0]
+        return batch_size * length * int(vocabulary or 0)
+
     def evaluation_log_fields(self, accumulator, state) -> dict:
         """Small non-numeric fields written with each evaluation's line in log.jsonl (a language model's sample
         generations, so their progress over training can be read back); {}: none."""

@@ -209,6 +209,10 @@ class CausalLMTask(Task):
 
     # ------------------------------------------------------------------ loss, evaluation, metrics
 
+    def logits_elements(self, model, cfg: CausalLMTaskConfig, batch_size: int, length: int) -> int:
+        # The chunked loss (speed/lm_loss.py) holds one chunk of labelled tokens' logits at a time.
+        return min(batch_size * length, cfg.loss_chunk_tokens) * (super().logits_elements(model, cfg, 1, 1) or 0)
+
     def supports_label_smoothing(self, state) -> bool:
         return True
 

@@ -151,6 +151,10 @@ class Seq2SeqTask(Task):
     def load_pretrained(self, cfg: Seq2SeqTaskConfig, source: str, **kwargs):
         return models.load_seq2seq(source, **kwargs)
 
+    def logits_elements(self, model, cfg, batch_size: int, length: int) -> int:
+        # The decoder's logits: one row per target token, not per source token.
+        return super().logits_elements(model, cfg, batch_size, cfg.max_target_length)
+
     def configure_model(self, model, tokenizer, cfg, state: Seq2SeqState) -> None:
         models.set_special_tokens(model, tokenizer, state.target_lang)
         models.set_generation(model, tokenizer, cfg.generation.model_dump(), cfg.task.max_target_length, state.target_lang)
