@@ -119,9 +119,9 @@ def test_a_long_chat_drops_whole_old_turns(chat_run):
     run = tunesmith.load(chat_run)
     long = [{"role": "user", "content": "one red cat " * 8}, {"role": "assistant", "content": "un chat rouge " * 8}]
     messages = [{"role": "system", "content": "be brief"}, *long * 3, {"role": "user", "content": "translate: cat"}]
-    from tunesmith.tasks.causal_lm.task import _fitting_prompt, prompt_token_ids
+    from tunesmith.tasks.causal_lm.generating import fitting_prompt, prompt_token_ids
 
-    ids = _fitting_prompt(run.tokenizer, run.state, messages, 64)
+    ids = fitting_prompt(run.tokenizer, run.state, messages, 64)
     assert len(ids) <= 64
     text = run.tokenizer.decode(ids)
     assert text.startswith("<|im_start|>system\nbe brief") and text.endswith("translate: cat<|im_end|>\n<|im_start|>assistant\n")
@@ -258,3 +258,20 @@ def test_documents_end_with_one_eos_whatever_the_tokenizer_adds(tmp_path):
     tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, tok.eos_token_id)])
     adds = task.encode(cfg, table, tok, task.state_type())["input_ids"][0]
     assert adds == plain  # the tokenizer's own EOS is not doubled
+
+
+def test_eval_on_start_asked_for_evaluates_first_even_without_periodic_evaluation(tmp_path):
+    # eval_strategy "no" with eval_on_start true used to skip the evaluation silently (no loader was built)
+    ex = contract_examples()["gpt2-text"]
+    (tmp_path / "data").mkdir()
+    base = {"model": {"name_or_path": str(ex.build_model(tmp_path / "model"))}, "data": ex.write_data(tmp_path / "data"),
+            "task": ex.task}
+    metrics = {}
+    for asked in (True, None):
+        train = {**ex.train, "max_steps": 2, "eval_strategy": "no", **({"eval_on_start": asked} if asked else {})}
+        run = tunesmith.train({**base, "output_dir": str(tmp_path / f"run-{asked}"), "train": train}, show_progress=False)
+        metrics[asked] = json.loads((Path(run.run_dir) / "metrics.json").read_text())
+    assert set(metrics[True]["validation_before_training"]) >= {"loss", "perplexity", "token_accuracy"}
+    assert metrics[True]["train"]["best_step"] is None or metrics[True]["train"]["best_step"] > 0  # never the step-0 model
+    assert "validation_before_training" not in metrics[None]  # the task's default follows eval_strategy
+    assert metrics[True]["validation"]["loss"] == pytest.approx(metrics[None]["validation"]["loss"], rel=1e-5)

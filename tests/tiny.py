@@ -174,3 +174,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def write_conll(path: Path, rows: list[dict], sep: str = "\t") -> Path:
     path.write_text("".join("".join(f"{t}{sep}{g}\n" for t, g in zip(r["tokens"], r["tags"])) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def train_contract_example(examples, root: Path, epochs: int) -> Path:
+    """A finished run of a family's contract example (its tiny checkpoint and data) in `root/run`."""
+    import tunesmith
+
+    (root / "data").mkdir(parents=True)
+    cfg = {"model": {"name_or_path": str(examples.build_model(root / "model"))}, "data": examples.write_data(root / "data"),
+           "task": examples.task, "output_dir": str(root / "run"),
+           "train": {"learning_rate": 5e-3, "per_device_train_batch_size": 4, **examples.train, "num_train_epochs": epochs,
+                     "seed": 0}}
+    return Path(tunesmith.train(cfg, show_progress=False).run_dir)

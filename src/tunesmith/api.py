@@ -133,6 +133,12 @@ class LoadedRun:
         return self.task.reply(self.model, self.tokenizer, self.state, messages, streamer=streamer,
                                max_length=self.config.task.max_length, **settings)
 
+    def complete(self, prompt: str | list[dict], streamer=None, **settings):
+        """One generation after a conversation (a list of turns) or a raw text, with its token counts and finish
+        reason (a causal-LM run; what the server's OpenAI-compatible endpoints answer with)."""
+        return self.task.complete(self.model, self.tokenizer, self.state, prompt, streamer=streamer,
+                                  max_length=self.config.task.max_length, **settings)
+
 
 def load(run_dir: str | os.PathLike) -> LoadedRun:
     """Load a run directory written by `train` (merged model, or base model + adapter)."""

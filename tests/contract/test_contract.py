@@ -84,6 +84,35 @@ def test_overfits_saves_and_reloads_with_plain_transformers(family, checkpoints,
                                 max_length=loaded.config.task.max_length)
     assert_close(again, first)
 
+    # Registering gives the family its server endpoint: POST /v1/predict with the family's body answers as predict.
+    assert_close(served_predictions(loaded, examples.predict_inputs), first)
+    if loaded.task.onnx_outputs:
+        check_onnx_export(loaded, run.run_dir, examples.predict_inputs, first, tmp_path / "onnx")
+
+
+def check_onnx_export(loaded, run_dir: Path, inputs: list, first: list, folder: Path) -> None:
+    """An exportable family's ONNX export matches (the export checks itself) and serves the same predictions."""
+    from tunesmith.export.onnx import export_onnx, load_export
+
+    result = export_onnx(run_dir, folder)
+    assert result.agreement == 1.0 and result.samples > 0
+    exported = load_export(folder)
+    decide = loaded.task.prediction_decision
+    assert [decide(p) for p in exported.predict(inputs)] == [decide(p) for p in first]
+    assert [decide(p) for p in served_predictions(exported, inputs)] == [decide(p) for p in first]
+
+
+def served_predictions(loaded, inputs: list) -> list:
+    from fastapi.testclient import TestClient
+
+    from tunesmith.serving import ServeSettings, create_app
+    from tunesmith.serving.served import ServedRun
+
+    with TestClient(create_app([ServedRun("m", loaded, ServeSettings())])) as client:
+        answer = client.post("/v1/predict", json=loaded.task.request_model.body_for(list(inputs)))
+    assert answer.status_code == 200, answer.text
+    return answer.json()["predictions"]
+
 
 @FAMILIES
 @pytest.mark.parametrize("method", list(METHOD_CONFIGS))

@@ -457,6 +457,97 @@ def chat(
 
 
 @app.command()
+def serve(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Finished run directories; requests pick one by its `model` name.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    name: Annotated[Optional[list[str]], typer.Option(help="A served run's name (default: its folder's), once per run.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        help="Bearer token every /v1 and /metrics request must carry (default: $TUNESMITH_API_KEY; unset: open).")] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Inputs of concurrent requests run together, at most.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 5.0,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 above).")] = 1_000_000,
+    max_items: Annotated[int, typer.Option(help="Most inputs (or chat messages) per request (413 above).")] = 256,
+    max_chars: Annotated[int, typer.Option(help="Longest text per input (413 above).")] = 20_000,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most new tokens a request may ask for (422 above).")] = 1024,
+    timeout: Annotated[float, typer.Option(help="Seconds before a request is answered 504.")] = 120.0,
+    backend: Annotated[str, typer.Option(help="torch (run directories) or onnx (folders `tunesmith export` wrote).")] = "torch",
+) -> None:
+    """Serve trained runs over HTTP: /v1/predict for every family, OpenAI-compatible /v1/chat/completions and
+    /v1/completions for causal LMs, /v1/models, /healthz, /readyz, /metrics, and the API docs at /docs."""
+    from tunesmith.runs.rundir import finished_run_dir
+
+    try:
+        for run_dir in run_dirs:
+            if backend != "onnx":  # an export folder is checked when it loads
+                finished_run_dir(run_dir)
+    except TunesmithError as err:
+        _fail(err)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        from tunesmith.errors import ConfigError
+
+        _fail(ConfigError(f"tunesmith serve needs {err.name}, which is not installed; install the serve extra: "
+                          "pip install 'tunesmith[serve]'"))
+    _setup_logging()
+    from tunesmith import serving
+
+    try:
+        settings = serving.ServeSettings(
+            api_key=api_key or os.environ.get(serving.API_KEY_ENV) or None, max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, max_items=max_items, max_chars=max_chars,
+            max_new_tokens=max_new_tokens, request_timeout_s=timeout)
+    except ValueError as err:
+        from tunesmith.errors import ConfigError
+
+        _fail(ConfigError(f"{err}; fix the option"))
+    if host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        logging.getLogger("tunesmith").warning("serving on %s without an API key: anyone who can reach this address can use the models "
+                    "(--api-key or $%s)", host, serving.API_KEY_ENV)
+    try:
+        serving.serve(run_dirs, host=host, port=port, settings=settings, names=name, backend=backend)
+    except TunesmithError as err:
+        _fail(err)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (classification, token classification, QA).")],
+    out: Annotated[Path, typer.Argument(help="The folder to write: model.onnx, tokenizer, label map, export.json.")],
+    format: Annotated[str, typer.Option("--format", help="Export format.")] = "onnx",
+    quantize: Annotated[Optional[str], typer.Option(help="int8: dynamic int8 weights (checked: >= 99% same predictions).")] = None,
+    sample: Annotated[Optional[Path], typer.Option(help="Inputs to check the export on (default: the run's validation data).")] = None,
+    samples: Annotated[int, typer.Option(help="How many sample inputs the check runs.")] = 200,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+) -> None:
+    """Export a run to ONNX (adapters merged; dynamic batch and sequence axes) and check it against PyTorch on a
+    validation sample; the folder serves with `tunesmith serve OUT --backend onnx`."""
+    from tunesmith.runs.rundir import finished_run_dir
+
+    try:
+        finished_run_dir(run_dir)
+        if format != "onnx":
+            from tunesmith.errors import ConfigError
+
+            raise ConfigError(f"--format: expected onnx, found {format!r}")
+    except TunesmithError as err:
+        _fail(err)
+    _setup_logging()
+    from tunesmith.export.onnx import export_onnx
+
+    try:
+        result = export_onnx(run_dir, out, quantize=quantize, sample_file=sample, samples=samples, overwrite=overwrite)
+    except TunesmithError as err:
+        _fail(err)
+    kind = "int8" if result.quantize else "fp32"
+    console.print(f"exported {kind} ONNX to {result.folder} in {result.seconds:.1f} s; checked on {result.samples} inputs: "
+                  f"largest output difference {result.max_abs_diff:.2g}, same predictions {result.agreement:.1%}",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
 def doctor(
     as_json: Json = False,
     recheck: Annotated[bool, typer.Option("--recheck", help="Measure bf16 against fp32 again (train.precision=auto caches its decision per CPU and torch version).")] = False,

@@ -235,7 +235,8 @@ class TrainConfig(Section):
     eval_steps: int | None = Field(None, gt=0, description="With `eval_strategy: steps`.")
     eval_on_start: bool | None = Field(
         None, description="Evaluate once before the first training step (metrics.json's `validation_before_training`). "
-        "Unset: the task's choice (on for language modelling: the perplexity before and after)."
+        "Unset: the task's choice (on for language modelling: the perplexity before and after) while evaluation is on; "
+        "`true` evaluates first even under `eval_strategy: no`."
     )
     logging_steps: int = Field(10, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0, description="Stop after this many evaluations without improvement.")

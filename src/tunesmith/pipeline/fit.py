@@ -52,7 +52,8 @@ def fit(cfg: RunConfig, data: Prepared, devices: Devices, built: Built, encoded:
         state=state,
         train_cfg=cfg.train,
         train_loader=loaders["train"],
-        eval_loader=loaders["validation"] if cfg.train.eval_strategy != "no" else None,
+        # eval_on_start asked for explicitly evaluates even when periodic evaluation is off
+        eval_loader=loaders.get("validation") if cfg.train.eval_strategy != "no" or cfg.train.eval_on_start else None,
         loss_fn=loss_fn,
         accelerator=accelerator,
         run_dir=run_dir,

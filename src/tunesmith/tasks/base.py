@@ -21,6 +21,7 @@ from transformers import DataCollatorWithPadding
 from tunesmith.data.inputs import InputColumns, read_text_inputs
 from tunesmith.data.loaders import Table, read_file
 from tunesmith.methods.apply import head_module_names
+from tunesmith.serving.requests import PredictRequest, TextsRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,12 +300,38 @@ class Task(ABC):
 
     # The task's `predict` returns {"generated_text"} (`tunesmith generate`, `tunesmith.generate`).
     generates: ClassVar[bool] = False
+    # The body of the server's `POST /v1/predict` for this family: its `items()` are `predict`'s inputs, its
+    # `options()` the family's prediction options. Registering a family gives it the endpoint.
+    request_model: ClassVar[type[PredictRequest]] = TextsRequest
+    # The family answers OpenAI-style `/v1/chat/completions` and `/v1/completions` (through `complete`).
+    completes: ClassVar[bool] = False
+    # The model outputs `predict` reads when the model is one forward pass (`logits`; QA: start and end logits):
+    # the family exports to ONNX (`tunesmith export`). Empty: not exportable.
+    onnx_outputs: ClassVar[tuple[str, ...]] = ()
 
     def reply(self, model, tokenizer, state: TaskState, messages: list[dict], streamer=None, **settings) -> str:
         """The assistant's next turn after `messages` (`tunesmith chat`); only chat-capable families implement it."""
         from tunesmith.errors import ConfigError
 
         raise ConfigError(f"a {self.name} run does not chat; chat needs a causal-LM run with a chat template "
+                          "(task.name: causal_lm)")
+
+    def prediction_decision(self, prediction):
+        """What must stay the same for two predictions to count as the same (an int8 export's check): the
+        prediction without its `score` / `scores` confidences."""
+        if isinstance(prediction, dict):
+            return {k: self.prediction_decision(v) for k, v in prediction.items() if k not in ("score", "scores")}
+        if isinstance(prediction, (list, tuple)):
+            return [self.prediction_decision(v) for v in prediction]
+        return prediction
+
+    def complete(self, model, tokenizer, state: TaskState, prompt, streamer=None, max_length: int | None = None,
+                 seed: int | str | None = None, **settings):
+        """One generation after a conversation (a list of turns) or a raw text, with its token counts and finish
+        reason (`Completion`); only families with `completes` implement it."""
+        from tunesmith.errors import ConfigError
+
+        raise ConfigError(f"a {self.name} run does not complete prompts; chat and text completions need a causal-LM run "
                           "(task.name: causal_lm)")
 
     def before_save(self, model, state: TaskState) -> None:

@@ -24,8 +24,11 @@ from tunesmith.data.loaders import Table
 from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import ConfigError, DataError, summarise
 from tunesmith.tasks.base import CardSection, LossTotal, Losses, Task, TaskState
+from tunesmith.serving.requests import SamplingRequest
 from tunesmith.tasks.causal_lm import chat, formats
 from tunesmith.tasks.causal_lm.config import CausalLMTaskConfig
+from tunesmith.tasks.causal_lm.generating import (Completion, fitting_prompt, generate_completions, generate_texts, last_tokens,
+                                                  prompt_token_ids, seed_sampling)
 from tunesmith.tasks.causal_lm.packing import IGNORE, CausalLMCollator, block_rows, pack_examples, packed_row
 
 log = logging.getLogger("tunesmith")
@@ -78,6 +81,8 @@ class ChunkedLoss:
 
 
 class CausalLMTask(Task):
+    request_model = SamplingRequest
+    completes = True
     name = "causal_lm"
     auto_model_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
@@ -294,95 +299,43 @@ class CausalLMTask(Task):
         makes sampling reproducible."""
         overrides = generation.overrides(settings)
         model.eval()
-        prompts = [_last(prompt_token_ids(tokenizer, state, text), max_length) for text in inputs]
+        prompts = [last_tokens(prompt_token_ids(tokenizer, state, text), max_length) for text in inputs]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[dict | None] = [None] * len(prompts)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            _seed(seed)
+            seed_sampling(seed)
             for i, text in zip(idx, generate_texts(model, tokenizer, [prompts[i] for i in idx], **overrides)):
                 results[i] = {"generated_text": text}
         return results  # type: ignore[return-value]
 
-    @torch.inference_mode()
     def reply(self, model, tokenizer, state: CausalLMState, messages: list[dict], streamer=None, max_length: int | None = None,
               seed: int | str | None = None, **settings) -> str:
-        if not tokenizer.chat_template:
+        return self.complete(model, tokenizer, state, list(messages), streamer=streamer, max_length=max_length, seed=seed,
+                             **settings).text
+
+    @torch.inference_mode()
+    def complete(self, model, tokenizer, state: CausalLMState, prompt: str | list[dict], streamer=None,
+                 max_length: int | None = None, seed: int | str | None = None, **settings) -> Completion:
+        """One generation with its token counts and finish reason: after a conversation (a list of turns, rendered
+        with the chat template; the oldest turns dropped to fit `max_length`) or after a raw text, continued as
+        given (OpenAI's `/v1/completions`)."""
+        conversation = isinstance(prompt, list)
+        if conversation and not tokenizer.chat_template:
             raise ConfigError("this run's tokenizer has no chat template (it was trained on raw text from a base model); "
                               "use tunesmith generate RUN_DIR --prompt TEXT, or train with a chat format")
         overrides = generation.overrides(settings)
         model.eval()
-        _seed(seed)
-        chat_state = state if state.chat else dataclasses.replace(state, format="messages")
-        prompt = _last(_fitting_prompt(tokenizer, chat_state, list(messages), max_length), max_length)
-        return generate_texts(model, tokenizer, [prompt], streamer=streamer, **overrides)[0]
-
-
-def prompt_token_ids(tokenizer, state: CausalLMState, text) -> list[int]:
-    """The token ids a generation starts from: a chat run's user message (or a list of messages) rendered with
-    the generation prompt, or a raw-text run's text."""
-    if not state.chat:
-        return tokenizer(str(text))["input_ids"]
-    messages = list(text) if isinstance(text, (list, tuple)) else [{"role": "user", "content": str(text)}]
-    return chat.prompt_ids(_with_system(messages, state.system_prompt), tokenizer)
-
-
-def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    """`task.system_prompt` before a conversation that has no system turn of its own (training and generation alike)."""
-    if not system_prompt or (messages and messages[0].get("role") == "system"):
-        return messages
-    return [{"role": "system", "content": system_prompt}, *messages]
-
-
-def generate_texts(model, tokenizer, prompts: list[list[int]], streamer=None, **settings) -> list[str]:
-    """Each prompt's generated continuation (special tokens dropped), prompts left-padded into one batch."""
-    device = next(model.parameters()).device
-    longest = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
-    output = generation.generate(model, ids, mask, tokenizer, **({"streamer": streamer} if streamer else {}), **settings)
-    texts = tokenizer.batch_decode(output[:, longest:], skip_special_tokens=True)
-    stops = settings.get("stop_strings") or getattr(getattr(model, "module", model).generation_config, "stop_strings", None)
-    return [_before_stop(text, stops).strip() for text in texts]
-
-
-def _before_stop(text: str, stops) -> str:
-    """The text before the first stop string: transformers stops *after* writing it, OpenAI-style APIs and chat UIs
-    leave it out."""
-    for stop in [stops] if isinstance(stops, str) else stops or []:
-        text = text.split(stop, 1)[0] if stop else text
-    return text
+        seed_sampling(seed)
+        if conversation:
+            chat_state = state if state.chat else dataclasses.replace(state, format="messages")
+            ids = fitting_prompt(tokenizer, chat_state, prompt, max_length)
+        else:
+            ids = tokenizer(str(prompt))["input_ids"]
+        return generate_completions(model, tokenizer, [last_tokens(ids, max_length)], streamer=streamer, **overrides)[0]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _fitting_prompt(tokenizer, state: CausalLMState, messages: list[dict], max_length: int | None) -> list[int]:
-    """A conversation's prompt ids, its oldest turns dropped (system turns kept) while it is longer than the model
-    was trained on, so a long chat keeps whole recent turns rather than a cut-off one."""
-    ids = prompt_token_ids(tokenizer, state, messages)
-    while max_length and len(ids) > max_length:
-        oldest = next((i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"), None)
-        if oldest is None:
-            break
-        messages = messages[:oldest] + messages[oldest + 1:]
-        ids = prompt_token_ids(tokenizer, state, messages)
-    return ids
-
-
-def _last(ids: list[int], max_length: int | None) -> list[int]:
-    """A prompt longer than the model was trained on keeps its end (the latest turns)."""
-    return ids[-max_length:] if max_length and len(ids) > max_length else ids
-
-
-def _seed(seed: int | str | None) -> None:
-    if seed is None:
-        return
-    try:
-        torch.manual_seed(int(seed))
-    except ValueError:
-        raise ConfigError(f"seed (--seed): expected a whole number, found {seed!r}; fix the value") from None
 
 
 def _is_chat(cfg: CausalLMTaskConfig, table: Table) -> bool:

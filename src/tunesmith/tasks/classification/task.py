@@ -27,6 +27,7 @@ from tunesmith.tasks.classification.metrics import (
     tune_threshold,
 )
 from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
+from tunesmith.serving.requests import PairRequest
 
 IMBALANCE_RATIO = 10.0
 
@@ -72,6 +73,8 @@ class ClassificationState(TaskState):
 
 
 class ClassificationTask(Task):
+    request_model = PairRequest
+    onnx_outputs = ("logits",)
     name = "classification"
     auto_model_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
@@ -404,6 +407,12 @@ class ClassificationTask(Task):
             for row, i in enumerate(idx):
                 results[i] = self._format(scores[row], state)
         return results  # type: ignore[return-value]
+
+    def prediction_decision(self, prediction: dict):
+        # a regression's value has no label to agree on: two values within 1e-2 count as the same
+        if "value" in prediction:
+            return round(prediction["value"], 2)
+        return super().prediction_decision(prediction)
 
     def _format(self, scores: torch.Tensor, state: dict) -> dict:
         problem = state.problem_type

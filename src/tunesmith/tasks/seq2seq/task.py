@@ -22,6 +22,7 @@ from tunesmith import generation
 from tunesmith.errors import DataError, summarise
 from tunesmith.metrics.generation import bleu_tokenizer, generation_metrics
 from tunesmith.tasks.base import CardSection, LossTotal, Losses, Task, TaskState
+from tunesmith.serving.requests import GenerationRequest
 from tunesmith.tasks.seq2seq import models
 from tunesmith.tasks.seq2seq.config import Seq2SeqTaskConfig
 from tunesmith.tasks.seq2seq.data import Pairs, check_table, read_pairs
@@ -60,6 +61,7 @@ class GeneratedText:
 
 
 class Seq2SeqTask(Task):
+    request_model = GenerationRequest
     name = "seq2seq"
     auto_model_class = "AutoModelForSeq2SeqLM"
     peft_task_type = "SEQ_2_SEQ_LM"

@@ -1,0 +1,74 @@
+"""The runs one server answers for: each loaded once, named (its folder's name unless given), with one thread of
+its own that every inference on it runs in (a model is never run from two threads at once) and its batcher."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunesmith.errors import ConfigError
+from tunesmith.serving.batcher import MicroBatcher
+from tunesmith.serving.settings import ServeSettings
+
+
+@dataclass
+class ServedRun:
+    name: str
+    loaded: object  # tunesmith.api.LoadedRun
+    settings: ServeSettings
+    created: int = field(default_factory=lambda: int(time.time()))
+    executor: ThreadPoolExecutor = field(init=False)
+    batcher: MicroBatcher | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{self.name}")
+
+    @property
+    def task(self):
+        return self.loaded.task
+
+    def start(self, observe_batch) -> None:
+        self.batcher = MicroBatcher(self._predict, self.executor, self.settings.max_batch_size, self.settings.max_wait_ms,
+                                    observe_batch)
+
+    def _predict(self, items: list, options: dict) -> list:
+        from tunesmith.api import predict
+
+        return predict(self.loaded, items, batch_size=self.settings.predict_batch_size, **options)
+
+    def info(self) -> dict:
+        """`GET /v1/models`: OpenAI's model object plus what the run is."""
+        cfg, run_dir = self.loaded.config, Path(self.loaded.run_dir)
+        metrics_file = run_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "tunesmith",
+                "task": self.task.name, "labels": list(getattr(self.loaded.state, "labels", None) or []) or None,
+                "base_model": cfg.model.name_or_path, "method": cfg.method.name, "run_dir": str(run_dir),
+                "metrics": {k: metrics[k] for k in ("validation", "test") if k in metrics},
+                "endpoints": ["/v1/predict", *(["/v1/chat/completions", "/v1/completions"] if self.task.completes else [])]}
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def load_runs(run_dirs: list, settings: ServeSettings, names: list[str] | None = None, backend: str = "torch") -> list[ServedRun]:
+    """Each run directory loaded (tunesmith.load: its errors name the folder), under its folder's name; with
+    backend "onnx", each folder is a `tunesmith export --format onnx` folder run by onnxruntime."""
+    if backend not in ("torch", "onnx"):
+        raise ConfigError(f"--backend: expected torch or onnx, found {backend!r}")
+    if backend == "onnx":
+        from tunesmith.export.onnx import load_export as load
+    else:
+        from tunesmith.api import load
+
+    names = list(names) if names else [Path(d).resolve().name for d in run_dirs]
+    if len(names) != len(run_dirs):
+        raise ConfigError(f"--name: expected one name per run directory ({len(run_dirs)}), found {len(names)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"two served runs are both named {', '.join(repeated)}; requests pick a model by name, so give "
+                          "each one its own with --name (one per run directory, in order)")
+    return [ServedRun(name, load(run_dir), settings) for name, run_dir in zip(names, run_dirs)]

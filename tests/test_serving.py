@@ -1,0 +1,277 @@
+"""`tunesmith serve` end to end: a real uvicorn server on a free loopback port serving a classification run and a
+chat run (tiny in-process models), every endpoint, the API key, every limit, concurrent callers each getting their
+own answer, the OpenAI client streaming and not, and the CLI starting and stopping cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+import tunesmith
+from tunesmith.serving import ServeSettings, create_app, load_runs
+from tunesmith.tasks.causal_lm.examples import contract_examples as causal_examples
+from tunesmith.tasks.classification.examples import contract_examples as classification_examples
+
+from tiny import train_contract_example
+
+KEY = "test-key-123"
+LIMITS = ServeSettings(api_key=KEY, max_batch_size=16, max_wait_ms=50, max_body_bytes=20_000, max_items=8, max_chars=500,
+                       max_new_tokens=64, request_timeout_s=60)
+AUTH = {"Authorization": f"Bearer {KEY}"}
+TEXTS = ["the film was great", "really dull plot", "great acting", "dull and slow", "a great plot", "slow film"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serving")
+    return {"sentiment": train_contract_example(classification_examples(), root / "cls", 5),
+            "chat": train_contract_example(causal_examples()["smollm-chat"], root / "chat", 3)}
+
+
+def _listening_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture(scope="module")
+def server(runs) -> str:
+    app = create_app(load_runs([runs["sentiment"], runs["chat"]], LIMITS, names=["sentiment", "chat"]), LIMITS)
+    sock = _listening_socket()
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert uv.started
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uv.should_exit = True
+    thread.join(10)
+
+
+def _post(server: str, path: str, body, headers=AUTH, **kwargs) -> httpx.Response:
+    return httpx.post(server + path, json=body, headers=headers, timeout=60, **kwargs)
+
+
+def _close(a, b) -> None:
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _close(a[key], b[key])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _close(x, y)
+    else:
+        assert a == b
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def test_health_and_readiness_need_no_key_and_the_rest_does(server):
+    assert httpx.get(server + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server + "/readyz").json() == {"status": "ready", "models": ["sentiment", "chat"]}
+    refused = httpx.get(server + "/v1/models")
+    assert refused.status_code == 401 and "Authorization: Bearer" in refused.json()["error"]["message"]
+    assert httpx.get(server + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(server + "/metrics").status_code == 401
+
+
+def test_models_lists_each_run_with_its_task_labels_and_metrics(server, runs):
+    models = {m["id"]: m for m in httpx.get(server + "/v1/models", headers=AUTH).json()["data"]}
+    assert models["sentiment"]["task"] == "classification" and models["chat"]["task"] == "causal_lm"
+    assert sorted(models["sentiment"]["labels"]) == sorted(tunesmith.load(runs["sentiment"]).state.labels)
+    assert models["sentiment"]["metrics"]["validation"]["accuracy"] >= 0
+    assert "/v1/chat/completions" in models["chat"]["endpoints"]
+    assert "/v1/chat/completions" not in models["sentiment"]["endpoints"]
+
+
+def test_predict_answers_like_tunesmith_predict(server, runs):
+    got = _post(server, "/v1/predict", {"model": "sentiment", "texts": TEXTS[:3]})
+    assert got.status_code == 200, got.text
+    assert got.json()["task"] == "classification"
+    _close(got.json()["predictions"], tunesmith.predict(runs["sentiment"], TEXTS[:3]))
+    one = _post(server, "/v1/predict", {"model": "sentiment", "texts": TEXTS[0]}).json()["predictions"]
+    _close(one, tunesmith.predict(runs["sentiment"], TEXTS[:1]))
+
+
+def test_concurrent_callers_each_get_their_own_answer_and_are_batched(server, runs):
+    texts = [f"{TEXTS[i % len(TEXTS)]} {'great ' * (i % 4)}".strip() for i in range(40)]
+    expected = tunesmith.predict(runs["sentiment"], texts)
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda t: _post(server, "/v1/predict", {"model": "sentiment", "texts": [t]}), texts))
+    assert all(a.status_code == 200 for a in answers)
+    for answer, want in zip(answers, expected):
+        _close(answer.json()["predictions"], [want])
+    metrics = httpx.get(server + "/metrics", headers=AUTH).text
+    count = _metric(metrics, 'tunesmith_batch_size_count{model="sentiment"}')
+    singles = _metric(metrics, 'tunesmith_batch_size_bucket{le="1.0",model="sentiment"}')
+    assert count > singles  # some groups held more than one caller's input
+
+
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"model": "sentiment", "texts": ["a"] * 9}, 413, "max_items"),
+    ({"model": "sentiment", "texts": ["x" * 501]}, 413, "max-chars"),
+    ({"model": "sentiment", "texts": 5}, 422, "texts"),
+    ({"model": "sentiment", "text": ["a"]}, 422, "text"),
+    ({"model": "sentiment", "texts": []}, 422, "no inputs"),
+    ({"model": "nope", "texts": ["a"]}, 404, "sentiment"),
+    ({"texts": ["a"]}, 422, "expected one of chat, sentiment"),
+    ({"model": "chat", "inputs": ["hi"], "max_new_tokens": 65}, 422, "max-new-tokens"),
+    ({"model": "chat", "inputs": ["hi"], "temperature": -1}, 422, "temperature"),
+])
+def test_bad_requests_are_4xx_json_errors_that_say_what_to_fix(server, body, status, needle):
+    got = _post(server, "/v1/predict", body)
+    assert got.status_code == status, got.text
+    error = got.json()["error"]
+    assert needle in error["message"] or needle == error.get("limit"), error
+    assert error["code"] == status
+
+
+def test_malformed_json_and_huge_bodies_are_refused(server):
+    bad = httpx.post(server + "/v1/predict", content=b"{not json", headers={**AUTH, "content-type": "application/json"})
+    assert bad.status_code == 422 and "not valid JSON" in bad.json()["error"]["message"]
+    listed = _post(server, "/v1/predict", ["a"])
+    assert listed.status_code == 422 and "JSON object" in listed.json()["error"]["message"]
+    huge = _post(server, "/v1/predict", {"model": "sentiment", "texts": ["word " * 5000]})
+    assert huge.status_code == 413 and huge.json()["error"]["limit"] == "max_body_bytes"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(30):
+            yield b" " * 1000
+
+    streamed = httpx.post(server + "/v1/predict", content=chunks(), headers={**AUTH, "content-type": "application/json"})
+    assert streamed.status_code == 413
+
+
+def test_metrics_count_requests_and_errors_by_route_and_code(server):
+    _post(server, "/v1/predict", {"model": "nope", "texts": ["a"]})
+    text = httpx.get(server + "/metrics", headers=AUTH).text
+    assert _metric(text, 'tunesmith_errors_total{code="404",route="/v1/predict"}') >= 1
+    assert _metric(text, 'tunesmith_requests_total{code="200",route="/v1/predict"}') >= 1
+    assert 'tunesmith_request_seconds_bucket{le="0.005",route="/v1/predict"}' in text
+
+
+def test_the_openapi_schema_holds_every_served_familys_body(server):
+    schema = httpx.get(server + "/openapi.json").json()
+    body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    titles = {s["title"] for s in body["anyOf"]}
+    assert titles == {"PairRequest", "SamplingRequest"}
+    assert "/v1/chat/completions" in schema["paths"]
+
+
+# --------------------------------------------------------------------------- OpenAI compatibility
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+MESSAGES = [{"role": "user", "content": "three small birds"}]
+
+
+def test_chat_completions_with_the_openai_client(client, runs):
+    reply = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=12)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.message.content == tunesmith.chat(runs["chat"], MESSAGES, max_new_tokens=12)
+    assert choice.finish_reason in {"stop", "length"}
+    assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert reply.usage.completion_tokens == 12
+
+
+def test_streamed_chat_equals_the_whole_reply(client):
+    whole = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=12).choices[0]
+    chunks = list(client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.message.content
+    finished = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finished == [whole.finish_reason]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_text_completions_continue_the_prompt_as_given(client, runs):
+    loaded = tunesmith.load(runs["chat"])
+    got = client.completions.create(model="chat", prompt="one red cat", max_tokens=8, temperature=0)
+    assert got.choices[0].text == loaded.complete("one red cat", max_new_tokens=8, do_sample=False).text
+    two = client.completions.create(model="chat", prompt=["one red cat", "two big"], max_tokens=4)
+    assert [c.index for c in two.choices] == [0, 1]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="chat", prompt="one red cat",
+                                                                           max_tokens=8, temperature=0, stream=True))
+    assert streamed == got.choices[0].text
+
+
+def test_seeded_sampling_repeats(client):
+    a, b = (client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=10, temperature=1.0, seed=7)
+            for _ in range(2))
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_openai_errors_are_4xx(client, server):
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.UnprocessableEntityError, match="does not generate chat"):
+        client.chat.completions.create(model="sentiment", messages=MESSAGES)
+    with pytest.raises(openai.UnprocessableEntityError, match="n"):
+        client.chat.completions.create(model="chat", messages=MESSAGES, n=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="assistant"):
+        client.chat.completions.create(model="chat", messages=[*MESSAGES, {"role": "assistant", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_the_cli_serves_until_sigterm_and_refuses_a_missing_run(runs, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNESMITH_API_KEY": KEY}
+    missing = subprocess.run([sys.executable, "-m", "tunesmith.cli", "serve", str(tmp_path / "nope")], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nope" in missing.stderr
+    with _listening_socket() as sock:
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", str(runs["sentiment"]), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        got = _post(f"http://127.0.0.1:{port}", "/v1/predict", {"texts": ["great film"]})
+        assert got.status_code == 200 and len(got.json()["predictions"]) == 1
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal so the parent sees how its child ended
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        proc.kill()
+    log = proc.stdout.read()
+    assert "http://127.0.0.1:" in log and "Application shutdown complete" in log
