@@ -140,6 +140,7 @@ def _metric(text: str, name: str) -> float:
     ({"texts": ["a"]}, 422, "expected one of chat, sentiment"),
     ({"model": "chat", "inputs": ["hi"], "max_new_tokens": 65}, 422, "max-new-tokens"),
     ({"model": "chat", "inputs": ["hi"], "temperature": -1}, 422, "temperature"),
+    ({"model": "chat", "inputs": ["hi"], "num_beams": 10 ** 9}, 422, "max_num_beams"),
 ])
 def test_bad_requests_are_4xx_json_errors_that_say_what_to_fix(server, body, status, needle):
     got = _post(server, "/v1/predict", body)
@@ -275,3 +276,36 @@ def test_the_cli_serves_until_sigterm_and_refuses_a_missing_run(runs, tmp_path):
         proc.kill()
     log = proc.stdout.read()
     assert "http://127.0.0.1:" in log and "Application shutdown complete" in log
+
+
+# --------------------------------------------------------------------------- schemathesis over the schema
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings as hypothesis_settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def api_schema(runs):
+    open_server = ServeSettings(max_items=8, max_chars=300, max_new_tokens=8)
+    app = create_app(load_runs([runs["sentiment"], runs["chat"]], open_server, names=["sentiment", "chat"]), open_server)
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+def test_no_generated_request_is_a_server_error(api_schema):
+    # each operation's generated requests (valid and invalid bodies, by its schema) through the app in-process
+    from hypothesis import given
+
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/predict", "/v1/chat/completions", "/v1/completions", "/v1/models"}
+    seen: dict[str, set[int]] = {}
+    for operation in operations:
+        @given(operation.as_strategy())
+        @hypothesis_settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def no_server_error(case):
+            response = case.call_and_validate(checks=[not_a_server_error])
+            seen.setdefault(operation.path, set()).add(response.status_code)
+
+        no_server_error()
+    print(seen)
+    assert 200 in seen["/v1/predict"] and 422 in seen["/v1/predict"]  # valid and invalid bodies both tried

@@ -470,6 +470,7 @@ def serve(
     max_items: Annotated[int, typer.Option(help="Most inputs (or chat messages) per request (413 above).")] = 256,
     max_chars: Annotated[int, typer.Option(help="Longest text per input (413 above).")] = 20_000,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most new tokens a request may ask for (422 above).")] = 1024,
+    max_num_beams: Annotated[int, typer.Option(help="Widest beam search a request may ask for (422 above).")] = 8,
     timeout: Annotated[float, typer.Option(help="Seconds before a request is answered 504.")] = 120.0,
     backend: Annotated[str, typer.Option(help="torch (run directories) or onnx (folders `tunesmith export` wrote).")] = "torch",
 ) -> None:
@@ -498,7 +499,7 @@ def serve(
         settings = serving.ServeSettings(
             api_key=api_key or os.environ.get(serving.API_KEY_ENV) or None, max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, max_items=max_items, max_chars=max_chars,
-            max_new_tokens=max_new_tokens, request_timeout_s=timeout)
+            max_new_tokens=max_new_tokens, max_num_beams=max_num_beams, request_timeout_s=timeout)
     except ValueError as err:
         from tunesmith.errors import ConfigError
 

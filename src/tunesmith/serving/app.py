@@ -45,10 +45,11 @@ def create_app(runs: list[ServedRun], settings: ServeSettings | None = None) -> 
     telemetry = Telemetry()
     by_name = {run.name: run for run in runs}
 
+    for run in runs:
+        run.start(telemetry.batch_size.labels(run.name).observe)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        for run in runs:
-            run.start(telemetry.batch_size.labels(run.name).observe)
         app.state.ready = True
         yield
         app.state.ready = False  # readiness fails first, so a balancer stops sending while in-flight requests finish
@@ -83,20 +84,22 @@ def create_app(runs: list[ServedRun], settings: ServeSettings | None = None) -> 
     async def metrics():
         return Response(telemetry.render(), media_type=telemetry.content_type)
 
-    body_schema, definitions = _predict_schema(runs)
+    definitions: dict = {}
 
-    @app.post("/v1/predict", openapi_extra=body_schema)
+    @app.post("/v1/predict", openapi_extra=body_schema(list(dict.fromkeys(run.task.request_model for run in runs)),
+                                                       definitions, list(by_name)))
     async def predict(request: Request):
         body = await json_body(request)
         run = pick_run(by_name, body)
         parsed = validated(run.task.request_model, body)
-        check_limits(parsed.strings(), len(parsed.items()), settings, getattr(parsed, "max_new_tokens", None))
+        check_limits(parsed.strings(), len(parsed.items()), settings, getattr(parsed, "max_new_tokens", None),
+                     getattr(parsed, "num_beams", None))
         results = await within_timeout(run.batcher.submit(parsed.items(), parsed.options()), settings)
         return {"model": run.name, "task": run.task.name, "predictions": results}
 
     from tunesmith.serving.openai_api import add_openai_routes
 
-    add_openai_routes(app, by_name, settings, telemetry)
+    add_openai_routes(app, by_name, settings, telemetry, definitions)
     _with_definitions(app, definitions)
     return Guard(app, settings, telemetry)  # type: ignore[return-value]
 
@@ -149,7 +152,8 @@ def validation_message(err: ValidationError) -> str:
     return "; ".join(problems) + " (the body schema: GET /openapi.json)"
 
 
-def check_limits(texts: list[str], items: int, settings: ServeSettings, max_new_tokens: int | None) -> None:
+def check_limits(texts: list[str], items: int, settings: ServeSettings, max_new_tokens: int | None,
+                 num_beams: int | None = None) -> None:
     if items > settings.max_items:
         raise RequestRefused(413, f"{items} inputs in one request; the server's limit is {settings.max_items} (--max-items): "
                                   "split the request", "request_too_large", limit="max_items", value=settings.max_items)
@@ -163,6 +167,10 @@ def check_limits(texts: list[str], items: int, settings: ServeSettings, max_new_
         raise RequestRefused(422, f"max_new_tokens {max_new_tokens}; the server's limit is {settings.max_new_tokens} "
                                   "(--max-new-tokens): ask for fewer", "invalid_request_error", "max_new_tokens",
                              limit="max_new_tokens", value=settings.max_new_tokens)
+    if num_beams is not None and num_beams > settings.max_num_beams:
+        raise RequestRefused(422, f"num_beams {num_beams}; the server's limit is {settings.max_num_beams} (--max-num-beams): "
+                                  "ask for fewer beams", "invalid_request_error", "num_beams", limit="max_num_beams",
+                             value=settings.max_num_beams)
 
 
 async def within_timeout(awaitable, settings: ServeSettings):
@@ -198,16 +206,20 @@ def _errors(app: FastAPI) -> None:
                                        "server_error"), status_code=500)
 
 
-def _predict_schema(runs: list[ServedRun]) -> tuple[dict, dict]:
-    """The OpenAPI body of /v1/predict (one schema per served family's request model) and the schemas it refers to."""
-    models = list(dict.fromkeys(run.task.request_model for run in runs))
+def body_schema(models: list, definitions: dict, names: list[str]) -> dict:
+    """A route's OpenAPI request body read from raw JSON (the route validates it itself, to route by `model` and
+    answer in one error shape): the pydantic models' schemas, one of them, `model` one of the served `names`
+    (required when there are several); their sub-schemas go to `definitions`."""
     schemas = [m.model_json_schema(ref_template="#/components/schemas/{model}") for m in models]
-    definitions = {}
     for schema in schemas:
         definitions.update(schema.pop("$defs", {}))
-    examples = {m.__name__: {"value": request_schema_example(m)} for m in models}
+        if "model" in schema.get("properties", {}):
+            schema["properties"]["model"] = {"type": "string", "enum": names, "description": "The served run that answers."}
+            if len(names) > 1:
+                schema["required"] = sorted({*schema.get("required", []), "model"})
+    examples = {m.__name__: {"value": request_schema_example(m)} for m in models if request_schema_example(m)}
     return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": schemas[0] if len(schemas) == 1 else {"anyOf": schemas}, "examples": examples}}}}, definitions
+        "schema": schemas[0] if len(schemas) == 1 else {"anyOf": schemas}, **({"examples": examples} if examples else {})}}}}
 
 
 def _with_definitions(app: FastAPI, definitions: dict) -> None:

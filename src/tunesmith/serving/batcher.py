@@ -32,16 +32,18 @@ class MicroBatcher:
         self._max_batch_size = max_batch_size
         self._max_wait = max_wait_ms / 1000
         self._observe = observe
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
         self._carried: _Job | None = None
 
     async def submit(self, items: list, options: dict) -> list:
         """This request's results, in order; its exception if its group failed."""
-        if self._queue is None:  # created inside the server's event loop
-            self._queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._loop is not loop:  # bound to the loop serving (a test client may bring a new one)
+            self._loop, self._queue, self._carried = loop, asyncio.Queue(), None
             self._worker = asyncio.create_task(self._work())
-        job = _Job(list(items), dict(options), asyncio.get_running_loop().create_future())
+        job = _Job(list(items), dict(options), loop.create_future())
         await self._queue.put(job)
         return await job.future
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunesmith import generation
 from tunesmith.errors import TunesmithError
-from tunesmith.serving.app import RequestRefused, check_limits, json_body, pick_run, validated, within_timeout
+from tunesmith.serving.app import RequestRefused, body_schema, check_limits, json_body, pick_run, validated, within_timeout
 from tunesmith.serving.guard import error_body
 from tunesmith.serving.served import ServedRun
 from tunesmith.serving.settings import ServeSettings
@@ -164,7 +164,8 @@ def _sse(payload: dict | str) -> str:
 # ---------------------------------------------------------------------------- routes
 
 
-def add_openai_routes(app: FastAPI, by_name: dict[str, ServedRun], settings: ServeSettings, telemetry: Telemetry) -> None:
+def add_openai_routes(app: FastAPI, by_name: dict[str, ServedRun], settings: ServeSettings, telemetry: Telemetry,
+                      definitions: dict) -> None:
     def prepared(body: dict, kind: type[_Sampling]) -> tuple[ServedRun, _Sampling, dict]:
         run = pick_run(by_name, body, need_completions=True)
         parsed = validated(kind, body)
@@ -175,11 +176,13 @@ def add_openai_routes(app: FastAPI, by_name: dict[str, ServedRun], settings: Ser
             raise RequestRefused(422, str(err)) from None
         return run, parsed, wanted
 
-    @app.post("/v1/chat/completions")
+    completing = [name for name, run in by_name.items() if run.task.completes]
+
+    @app.post("/v1/chat/completions", openapi_extra=body_schema([ChatRequest], definitions, completing))
     async def chat_completions(request: Request):
         run, parsed, wanted = prepared(await json_body(request), ChatRequest)
         messages = [m.plain() for m in parsed.messages]
-        check_limits([m["content"] for m in messages], len(messages), settings, parsed.max_new_tokens)
+        check_limits([m["content"] for m in messages], len(messages), settings, parsed.max_new_tokens, parsed.num_beams)
         respond = _Responder(run, settings, telemetry, "chat.completion", "chatcmpl")
         if parsed.stream:
             return respond.stream(messages, wanted, parsed)
@@ -187,11 +190,11 @@ def add_openai_routes(app: FastAPI, by_name: dict[str, ServedRun], settings: Ser
         return respond.body([{"index": 0, "message": {"role": "assistant", "content": completion.text},
                               "finish_reason": completion.finish_reason, "logprobs": None}], [completion])
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body_schema([CompletionRequest], definitions, completing))
     async def completions(request: Request):
         run, parsed, wanted = prepared(await json_body(request), CompletionRequest)
         prompts = [parsed.prompt] if isinstance(parsed.prompt, str) else list(parsed.prompt)
-        check_limits(prompts, len(prompts), settings, parsed.max_new_tokens)
+        check_limits(prompts, len(prompts), settings, parsed.max_new_tokens, parsed.num_beams)
         respond = _Responder(run, settings, telemetry, "text_completion", "cmpl")
         if parsed.stream:
             return respond.stream(prompts[0], wanted, parsed)

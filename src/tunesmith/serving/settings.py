@@ -16,6 +16,7 @@ class ServeSettings:
     max_items: int = 256  # inputs per request; 413 above this
     max_chars: int = 20_000  # characters per text (a message's content, a prompt, a context); 413 above this
     max_new_tokens: int = 1024  # the most a generation request may ask for; 422 above this
+    max_num_beams: int = 8  # beam search width a request may ask for (memory grows with it); 422 above this
     request_timeout_s: float = 120.0  # 504 after this (the running batch still finishes in its thread)
     predict_batch_size: int = 64  # the batch `predict` runs inside one group
 
