@@ -81,3 +81,19 @@ def test_the_export_serves_the_same_predictions(ner_run, tmp_path):
     assert models[0]["task"] == "token_classification"
     with pytest.raises(ConfigError, match="not an ONNX export"):
         load_runs([ner_run], settings, backend="onnx")
+
+
+def test_a_lora_run_exports_with_its_adapter_merged(tmp_path):
+    # (a run saves its model merged; an adapter-only run folder is merged by the export itself)
+    from tunesmith.tasks.classification.examples import contract_examples as classification_examples
+
+    examples = classification_examples()
+    (tmp_path / "data").mkdir()
+    cfg = {"model": {"name_or_path": str(examples.build_model(tmp_path / "model"))},
+           "data": examples.write_data(tmp_path / "data"), "task": examples.task, "output_dir": str(tmp_path / "run"),
+           "method": {"name": "lora", "lora_r": 4}, "train": {"learning_rate": 1e-2, "num_train_epochs": 3}}
+    run_dir = Path(tunesmith.train(cfg, show_progress=False).run_dir)
+    result = onnx_export.export_onnx(run_dir, tmp_path / "onnx")
+    assert result.agreement == 1.0 and result.max_abs_diff <= onnx_export.ATOL
+    graph = __import__("onnx").load(str(tmp_path / "onnx" / "model.onnx"))
+    assert not any("lora" in init.name.lower() for init in graph.graph.initializer)  # merged, not carried along

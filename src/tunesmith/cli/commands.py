@@ -465,7 +465,9 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(
         help="Bearer token every /v1 and /metrics request must carry (default: $TUNESMITH_API_KEY; unset: open).")] = None,
     max_batch_size: Annotated[int, typer.Option(help="Inputs of concurrent requests run together, at most.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 5.0,
+    max_wait_ms: Annotated[float, typer.Option(
+        help="How long a request waits for others to batch with (0: none; requests that queue while the model runs "
+             "are batched).")] = 0.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 above).")] = 1_000_000,
     max_items: Annotated[int, typer.Option(help="Most inputs (or chat messages) per request (413 above).")] = 256,
     max_chars: Annotated[int, typer.Option(help="Longest text per input (413 above).")] = 20_000,
@@ -473,6 +475,7 @@ def serve(
     max_num_beams: Annotated[int, typer.Option(help="Widest beam search a request may ask for (422 above).")] = 8,
     timeout: Annotated[float, typer.Option(help="Seconds before a request is answered 504.")] = 120.0,
     backend: Annotated[str, typer.Option(help="torch (run directories) or onnx (folders `tunesmith export` wrote).")] = "torch",
+    dtype: Annotated[str, typer.Option(help="fp32, or bf16 (torch backend: faster where the CPU has native bf16).")] = "fp32",
 ) -> None:
     """Serve trained runs over HTTP: /v1/predict for every family, OpenAI-compatible /v1/chat/completions and
     /v1/completions for causal LMs, /v1/models, /healthz, /readyz, /metrics, and the API docs at /docs."""
@@ -508,7 +511,7 @@ def serve(
         logging.getLogger("tunesmith").warning("serving on %s without an API key: anyone who can reach this address can use the models "
                     "(--api-key or $%s)", host, serving.API_KEY_ENV)
     try:
-        serving.serve(run_dirs, host=host, port=port, settings=settings, names=name, backend=backend)
+        serving.serve(run_dirs, host=host, port=port, settings=settings, names=name, backend=backend, dtype=dtype)
     except TunesmithError as err:
         _fail(err)
 

@@ -143,16 +143,23 @@ def _require_onnx() -> None:
 
 
 def sample_inputs(loaded, sample_file, samples: int) -> list:
-    """The first `samples` inputs of the sample file (default: the run's validation file, else its train file),
-    read with the family's own input columns, as `tunesmith predict --input` reads them."""
-    data = loaded.config.data
-    source = sample_file or data.validation_file or data.train_file
-    if source is None:
-        raise DataError("no sample to check the export on: the run names no data file; pass --sample FILE with the "
-                        "columns `tunesmith predict --input` reads")
-    inputs, _ = loaded.task.predict_inputs(loaded.config.task, data.encoding, Path(source), None, {})
+    """The first `samples` inputs of `sample_file`, or of the run's own data (its validation split when it has one,
+    else its training data; files, folders, bundled or hub data sets alike), read with the family's input columns
+    as `tunesmith predict --input` reads them."""
+    from tunesmith.data.splits import load_tables
+
+    cfg, task = loaded.config, loaded.task
+    if sample_file is not None:
+        inputs, _ = task.predict_inputs(cfg.task, cfg.data.encoding, Path(sample_file), None, {})
+    else:
+        tables = load_tables(cfg.data, task.reader(cfg.task))
+        table = tables.get("validation") or tables["train"]
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = Path(tmp) / "sample.jsonl"
+            table.frame.head(samples).to_json(rows, orient="records", lines=True, force_ascii=False)
+            inputs, _ = task.predict_inputs(cfg.task, "utf-8", rows, None, {})
     if not inputs:
-        raise DataError(f"'{source}': no inputs to check the export on; pass --sample FILE")
+        raise DataError(f"'{sample_file or 'the run data'}': no inputs to check the export on; pass --sample FILE")
     return list(inputs)[:samples]
 
 

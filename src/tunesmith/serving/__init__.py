@@ -17,17 +17,17 @@ def create_app(runs, settings=None):
     return build(runs, settings)
 
 
-def load_runs(run_dirs, settings, names=None, backend: str = "torch"):
+def load_runs(run_dirs, settings, names=None, backend: str = "torch", dtype: str = "fp32"):
     from tunesmith.serving.served import load_runs as load
 
-    return load(run_dirs, settings, names, backend)
+    return load(run_dirs, settings, names, backend, dtype)
 
 
 def serve(run_dirs, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None, names=None,
-          graceful_seconds: float = 30.0, backend: str = "torch") -> None:
+          graceful_seconds: float = 30.0, backend: str = "torch", dtype: str = "fp32") -> None:
     """Load the runs and serve them until SIGINT/SIGTERM; in-flight requests finish first (up to `graceful_seconds`)."""
     import uvicorn
 
     settings = settings or ServeSettings()
-    app = create_app(load_runs(list(run_dirs), settings, names, backend), settings)
+    app = create_app(load_runs(list(run_dirs), settings, names, backend, dtype), settings)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=graceful_seconds, log_level="info")

@@ -1,6 +1,6 @@
-"""Dynamic micro-batching: concurrent requests for one model are grouped up to `max_batch_size` inputs or
-`max_wait_ms`, run together off the event loop in the model's own thread, and each caller gets its own slice of
-the results (a group that fails is run again request by request, so one caller's bad input fails only that
+"""Dynamic micro-batching: concurrent requests for one model are grouped up to `max_batch_size` inputs (those
+queued while the model ran, and with `max_wait_ms` those arriving within that wait), run together off the
+event loop in the model's own thread, and each caller gets its own slice of the results (a group that fails is run again request by request, so one caller's bad input fails only that
 caller). Requests with different options (a `top_k`, an aggregation, generation settings) never share a
 group, so a batch is always one `predict` call."""
 

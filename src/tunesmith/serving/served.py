@@ -54,11 +54,15 @@ class ServedRun:
         self.executor.shutdown(wait=True)
 
 
-def load_runs(run_dirs: list, settings: ServeSettings, names: list[str] | None = None, backend: str = "torch") -> list[ServedRun]:
+def load_runs(run_dirs: list, settings: ServeSettings, names: list[str] | None = None, backend: str = "torch",
+              dtype: str = "fp32") -> list[ServedRun]:
     """Each run directory loaded (tunesmith.load: its errors name the folder), under its folder's name; with
-    backend "onnx", each folder is a `tunesmith export --format onnx` folder run by onnxruntime."""
+    backend "onnx", each folder is a `tunesmith export --format onnx` folder run by onnxruntime. `dtype` bf16
+    casts PyTorch models to bfloat16 (faster on CPUs with native bf16, and half the memory)."""
     if backend not in ("torch", "onnx"):
         raise ConfigError(f"--backend: expected torch or onnx, found {backend!r}")
+    if dtype not in ("fp32", "bf16") or (dtype == "bf16" and backend == "onnx"):
+        raise ConfigError(f"--dtype: expected fp32, or bf16 with the torch backend; found {dtype!r} with {backend}")
     if backend == "onnx":
         from tunesmith.export.onnx import load_export as load
     else:
@@ -71,4 +75,10 @@ def load_runs(run_dirs: list, settings: ServeSettings, names: list[str] | None =
     if repeated:
         raise ConfigError(f"two served runs are both named {', '.join(repeated)}; requests pick a model by name, so give "
                           "each one its own with --name (one per run directory, in order)")
-    return [ServedRun(name, load(run_dir), settings) for name, run_dir in zip(names, run_dirs)]
+    served = [ServedRun(name, load(run_dir), settings) for name, run_dir in zip(names, run_dirs)]
+    if dtype == "bf16":
+        import torch
+
+        for run in served:
+            run.loaded.model.to(torch.bfloat16)
+    return served

@@ -11,7 +11,8 @@ API_KEY_ENV = "TUNESMITH_API_KEY"
 class ServeSettings:
     api_key: str | None = None  # bearer token every /v1 and /metrics request must carry; None: open
     max_batch_size: int = 32  # inputs run together: concurrent requests are grouped up to this many
-    max_wait_ms: float = 5.0  # how long the first request of a group waits for others
+    # how long the first request of a group waits for others; 0: none, a group is what queued while the model ran
+    max_wait_ms: float = 0.0
     max_body_bytes: int = 1_000_000  # 413 above this
     max_items: int = 256  # inputs per request; 413 above this
     max_chars: int = 20_000  # characters per text (a message's content, a prompt, a context); 413 above this
@@ -23,5 +24,5 @@ class ServeSettings:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name != "api_key" and (value is None or value <= 0):
+            if field.name != "api_key" and (value is None or value < 0 or (value == 0 and field.name != "max_wait_ms")):
                 raise ValueError(f"{field.name}: expected a positive number, found {value!r}")

@@ -45,10 +45,13 @@ class Completion:
 def generate_completions(model, tokenizer, prompts: list[list[int]], streamer=None, **settings) -> list[Completion]:
     """Each prompt's continuation, prompts left-padded into one batch."""
     device = next(model.parameters()).device
+    # an empty prompt (a text run given "") starts from BOS, or EOS as GPT-2-style models do: never zero tokens
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prompts = [list(p) or [start] for p in prompts]
     longest = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
     output = generation.generate(model, ids, mask, tokenizer, **({"streamer": streamer} if streamer else {}), **settings)
     new = output[:, longest:]
     config = getattr(model, "module", model).generation_config
