@@ -74,6 +74,8 @@ def test_the_export_serves_the_same_predictions(ner_run, tmp_path):
         body = {"texts": inputs} if all(isinstance(x, str) for x in inputs) else {"tokens": inputs}
         served = client.post("/v1/predict", json=body)
         models = client.get("/v1/models").json()["data"]
+        unknown = client.post("/v1/predict", json={**body, "aggregation": "mean"})  # the family's own check refuses it
+    assert unknown.status_code == 422 and "aggregation: expected one of first, average, max" in unknown.text
     assert served.status_code == 200, served.text
     task = tunesmith.load(ner_run).task
     want = tunesmith.predict(ner_run, inputs)
@@ -87,12 +89,7 @@ def test_a_lora_run_exports_with_its_adapter_merged(tmp_path):
     # (a run saves its model merged; an adapter-only run folder is merged by the export itself)
     from tunesmith.tasks.classification.examples import contract_examples as classification_examples
 
-    examples = classification_examples()
-    (tmp_path / "data").mkdir()
-    cfg = {"model": {"name_or_path": str(examples.build_model(tmp_path / "model"))},
-           "data": examples.write_data(tmp_path / "data"), "task": examples.task, "output_dir": str(tmp_path / "run"),
-           "method": {"name": "lora", "lora_r": 4}, "train": {"learning_rate": 1e-2, "num_train_epochs": 3}}
-    run_dir = Path(tunesmith.train(cfg, show_progress=False).run_dir)
+    run_dir = train_contract_example(classification_examples(), tmp_path, 3, method={"name": "lora", "lora_r": 4})
     result = onnx_export.export_onnx(run_dir, tmp_path / "onnx")
     assert result.agreement == 1.0 and result.max_abs_diff <= onnx_export.ATOL
     graph = __import__("onnx").load(str(tmp_path / "onnx" / "model.onnx"))

@@ -176,13 +176,14 @@ def write_conll(path: Path, rows: list[dict], sep: str = "\t") -> Path:
     return path
 
 
-def train_contract_example(examples, root: Path, epochs: int) -> Path:
-    """A finished run of a family's contract example (its tiny checkpoint and data) in `root/run`."""
+def train_contract_example(examples, root: Path, epochs: int, method: dict | None = None) -> Path:
+    """A finished run of a family's contract example (its tiny checkpoint and data) in `root/run`; `method`
+    (default: the run's default method)."""
     import tunesmith
 
     (root / "data").mkdir(parents=True)
     cfg = {"model": {"name_or_path": str(examples.build_model(root / "model"))}, "data": examples.write_data(root / "data"),
-           "task": examples.task, "output_dir": str(root / "run"),
+           "task": examples.task, "output_dir": str(root / "run"), **({"method": method} if method else {}),
            "train": {"learning_rate": 5e-3, "per_device_train_batch_size": 4, **examples.train, "num_train_epochs": epochs,
                      "seed": 0}}
     return Path(tunesmith.train(cfg, show_progress=False).run_dir)

@@ -140,13 +140,19 @@ class LoadedRun:
                                   max_length=self.config.task.max_length, **settings)
 
 
+def read_run_files(folder: Path) -> tuple[RunConfig, Task, TaskState]:
+    """A run's resolved config (config.yaml), its task and the task's state (task.json): what any copy of a run
+    (its directory, an ONNX export) needs to predict as the run does."""
+    cfg = parse_config(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")), str(folder / "config.yaml"))
+    saved = json.loads((folder / "task.json").read_text(encoding="utf-8"))
+    task = get_task(saved.pop("task"))
+    return cfg, task, task.state_type.from_json(saved, str(folder / "task.json"))
+
+
 def load(run_dir: str | os.PathLike) -> LoadedRun:
     """Load a run directory written by `train` (merged model, or base model + adapter)."""
     run_dir = finished_run_dir(Path(run_dir))
-    cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), str(run_dir / "config.yaml"))
-    saved = json.loads((run_dir / "task.json").read_text(encoding="utf-8"))
-    task = get_task(saved.pop("task"))
-    state = task.state_type.from_json(saved, str(run_dir / "task.json"))
+    cfg, task, state = read_run_files(run_dir)
     auto_class = getattr(transformers, task.auto_model_class)
     model_dir = run_dir / "model"
     try:

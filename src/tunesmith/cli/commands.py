@@ -493,8 +493,8 @@ def serve(
     except ImportError as err:
         from tunesmith.errors import ConfigError
 
-        _fail(ConfigError(f"tunesmith serve needs {err.name}, which is not installed; install the serve extra: "
-                          "pip install 'tunesmith[serve]'"))
+        _fail(ConfigError(f"tunesmith serve needs {err.name}, a dependency of tunesmith that is not installed here; "
+                          "reinstall tunesmith (pip install -e . in a checkout) to bring it back"))
     _setup_logging()
     from tunesmith import serving
 

@@ -252,21 +252,15 @@ def _write_beside(loaded, model, folder: Path, result: ExportResult) -> None:
 def load_export(folder: str | os.PathLike):
     """An export folder as a LoadedRun whose model is the ONNX session (what `tunesmith serve --backend onnx` runs)."""
     import transformers
-    import yaml
 
-    from tunesmith.api import LoadedRun
-    from tunesmith.config import parse_config
-    from tunesmith.tasks import get_task
+    from tunesmith.api import LoadedRun, read_run_files
 
     _require_onnx()
     folder = Path(folder)
     if not (folder / "model.onnx").is_file() or not (folder / "export.json").is_file():
         raise ConfigError(f"'{folder}': not an ONNX export (expected model.onnx and export.json); write one with "
                           "tunesmith export RUN_DIR --format onnx OUT, or serve a run directory without --backend onnx")
-    cfg = parse_config(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")), str(folder / "config.yaml"))
-    saved = json.loads((folder / "task.json").read_text(encoding="utf-8"))
-    task = get_task(saved.pop("task"))
-    state = task.state_type.from_json(saved, str(folder / "task.json"))
+    cfg, task, state = read_run_files(folder)
     config = transformers.AutoConfig.from_pretrained(folder)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     return LoadedRun(folder, cfg, task, state, OnnxModel(folder / "model.onnx", config, task.onnx_outputs), tokenizer)

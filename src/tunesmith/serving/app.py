@@ -61,9 +61,6 @@ def create_app(runs: list[ServedRun], settings: ServeSettings | None = None) -> 
     app = FastAPI(title="tunesmith", version="1", lifespan=lifespan,
                   description="Fine-tuned runs served: " + ", ".join(f"`{r.name}` ({r.task.name})" for r in runs))
     app.state.ready = False
-    app.state.runs = by_name
-    app.state.settings = settings
-    app.state.telemetry = telemetry
     _errors(app)
 
     @app.get("/healthz")
@@ -78,7 +75,7 @@ def create_app(runs: list[ServedRun], settings: ServeSettings | None = None) -> 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [run.info() for run in runs]}
+        return {"object": "list", "data": [run.info for run in runs]}
 
     @app.get("/metrics")
     async def metrics():
@@ -92,9 +89,10 @@ def create_app(runs: list[ServedRun], settings: ServeSettings | None = None) -> 
         body = await json_body(request)
         run = pick_run(by_name, body)
         parsed = validated(run.task.request_model, body)
-        check_limits(parsed.strings(), len(parsed.items()), settings, getattr(parsed, "max_new_tokens", None),
+        items = parsed.items()
+        check_limits(parsed.strings(), len(items), settings, getattr(parsed, "max_new_tokens", None),
                      getattr(parsed, "num_beams", None))
-        results = await within_timeout(run.batcher.submit(parsed.items(), parsed.options()), settings)
+        results = await within_timeout(run.batcher.submit(items, parsed.options()), settings)
         return {"model": run.name, "task": run.task.name, "predictions": results}
 
     from tunesmith.serving.openai_api import add_openai_routes

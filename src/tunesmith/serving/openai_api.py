@@ -210,8 +210,8 @@ class _Responder:
         self.run, self.settings, self.telemetry, self.kind = run, settings, telemetry, kind
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
 
-    def _call(self, prompt, wanted: dict, seed: int | None, streamer=None):
-        call = functools.partial(self.run.loaded.complete, prompt, streamer=streamer, seed=seed, **wanted)
+    def _call(self, prompt, wanted: dict, seed: int | None):
+        call = functools.partial(self.run.loaded.complete, prompt, seed=seed, **wanted)
         return asyncio.get_running_loop().run_in_executor(self.run.executor, call)
 
     async def complete(self, prompt, wanted: dict, seed: int | None):

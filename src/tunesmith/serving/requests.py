@@ -5,7 +5,7 @@ families depend on these models only."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -109,7 +109,7 @@ class TokensRequest(PredictRequest):
     option_fields: ClassVar[tuple[str, ...]] = ("aggregation",)
     texts: Texts | None = None
     tokens: list[list[str]] | None = Field(None, description="Pre-split sentences: one tag per token.")
-    aggregation: Literal["first", "average", "max"] | None = None
+    aggregation: str | None = Field(None, description="How a word's sub-token scores combine; the family checks the name.")
 
     @model_validator(mode="after")
     def _one_kind(self):

@@ -3,6 +3,7 @@ its own that every inference on it runs in (a model is never run from two thread
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,8 +40,9 @@ class ServedRun:
 
         return predict(self.loaded, items, batch_size=self.settings.predict_batch_size, **options)
 
+    @functools.cached_property
     def info(self) -> dict:
-        """`GET /v1/models`: OpenAI's model object plus what the run is."""
+        """`GET /v1/models`: OpenAI's model object plus what the run is (read once: a served run does not change)."""
         cfg, run_dir = self.loaded.config, Path(self.loaded.run_dir)
         metrics_file = run_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.exists() else {}
