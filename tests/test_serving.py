@@ -167,6 +167,8 @@ def test_malformed_json_and_huge_bodies_are_refused(server):
 
 
 def test_metrics_count_requests_and_errors_by_route_and_code(server):
+    # its own requests: under xdist the module's other tests may run in another process
+    assert _post(server, "/v1/predict", {"model": "sentiment", "texts": ["a"]}).status_code == 200
     _post(server, "/v1/predict", {"model": "nope", "texts": ["a"]})
     text = httpx.get(server + "/metrics", headers=AUTH).text
     assert _metric(text, 'tunesmith_errors_total{code="404",route="/v1/predict"}') >= 1
