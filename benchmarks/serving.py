@@ -224,6 +224,15 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def serve_defaults() -> dict:
+    import dataclasses
+
+    from tunesmith.serving import ServeSettings
+
+    return {k: v for k, v in dataclasses.asdict(ServeSettings()).items() if k in ("max_batch_size", "max_wait_ms",
+                                                                             "predict_batch_size")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -253,6 +262,10 @@ def main() -> None:
     bodies = [{"texts": [t]} for t in texts]
     with tempfile.TemporaryDirectory() as tmp:
         built = prepare(Path(tmp), args.quick, settings)
+        exports = {name: {k: v for k, v in json.loads((built[name] / "export.json").read_text()).items()
+                          if k in ("quantize", "quantized", "samples", "max_abs_diff", "agreement")}
+                   for name in ("onnx-fp32", "onnx-int8")}
+        print("exports:", json.dumps(exports))
         arms = [("hand-written FastAPI + pipeline", lambda p: baseline_server(built["run"] / "model", p)),
                 ("tunesmith PyTorch fp32", lambda p: tunesmith_server(built["run"], p)),
                 ("tunesmith PyTorch bf16", lambda p: tunesmith_server(built["run"], p, "--dtype", "bf16")),
@@ -276,6 +289,7 @@ def main() -> None:
     print(table(chat, [("server", "system", ""), ("clients", "clients", "d"), ("requests/s", "requests_per_second", ".2f"),
                        ("tokens/s", "tokens_per_second", ".1f"), ("p50 ms", "p50_ms", ".0f"), ("p95 ms", "p95_ms", ".0f")]))
     payload = {"benchmark": "serving", "machine": machine, "settings": settings, "quick": args.quick,
+               "exports": exports, "serve_defaults": serve_defaults(),
                "classification": rows, "chat": chat, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(payload, indent=2) + "\n")

@@ -86,7 +86,7 @@ def test_overfits_saves_and_reloads_with_plain_transformers(family, checkpoints,
 
     # Registering gives the family its server endpoint: POST /v1/predict with the family's body answers as predict.
     assert_close(served_predictions(loaded, examples.predict_inputs), first)
-    if loaded.task.onnx_outputs:
+    if loaded.task.onnx_layout is not None:
         check_onnx_export(loaded, run.run_dir, examples.predict_inputs, first, tmp_path / "onnx")
 
 

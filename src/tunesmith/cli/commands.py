@@ -545,7 +545,7 @@ def export(
         result = export_onnx(run_dir, out, quantize=quantize, sample_file=sample, samples=samples, overwrite=overwrite)
     except TunesmithError as err:
         _fail(err)
-    kind = "int8" if result.quantize else "fp32"
+    kind = f"int8 ({result.quantized})" if result.quantize else "fp32"
     console.print(f"exported {kind} ONNX to {result.folder} in {result.seconds:.1f} s; checked on {result.samples} inputs: "
                   f"largest output difference {result.max_abs_diff:.2g}, same predictions {result.agreement:.1%}",
                   highlight=False, soft_wrap=True)

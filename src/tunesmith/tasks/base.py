@@ -20,6 +20,7 @@ from transformers import DataCollatorWithPadding
 
 from tunesmith.data.inputs import InputColumns, read_text_inputs
 from tunesmith.data.loaders import Table, read_file
+from tunesmith.export.layouts import OnnxLayout
 from tunesmith.methods.apply import head_module_names
 from tunesmith.serving.requests import PredictRequest, TextsRequest
 
@@ -305,9 +306,9 @@ class Task(ABC):
     request_model: ClassVar[type[PredictRequest]] = TextsRequest
     # The family answers OpenAI-style `/v1/chat/completions` and `/v1/completions` (through `complete`).
     completes: ClassVar[bool] = False
-    # The model outputs `predict` reads when the model is one forward pass (`logits`; QA: start and end logits):
-    # the family exports to ONNX (`tunesmith export`). Empty: not exportable.
-    onnx_outputs: ClassVar[tuple[str, ...]] = ()
+    # How the family's model becomes ONNX (`tunesmith export`; tunesmith.export.layouts): one forward pass and the
+    # outputs `predict` reads, or an encoder-decoder's graphs. None: not exportable.
+    onnx_layout: ClassVar[OnnxLayout | None] = None
 
     def reply(self, model, tokenizer, state: TaskState, messages: list[dict], streamer=None, **settings) -> str:
         """The assistant's next turn after `messages` (`tunesmith chat`); only chat-capable families implement it."""

@@ -27,6 +27,7 @@ from tunesmith.tasks.classification.metrics import (
     tune_threshold,
 )
 from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
+from tunesmith.export.layouts import OneForward
 from tunesmith.serving.requests import PairRequest
 
 IMBALANCE_RATIO = 10.0
@@ -74,7 +75,7 @@ class ClassificationState(TaskState):
 
 class ClassificationTask(Task):
     request_model = PairRequest
-    onnx_outputs = ("logits",)
+    onnx_layout = OneForward(("logits",))
     name = "classification"
     auto_model_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"

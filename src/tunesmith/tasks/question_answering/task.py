@@ -42,6 +42,7 @@ from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import DataError, summarise
 from tunesmith.tasks.question_answering.metrics import SpanAccumulator, best_null_threshold, score, squad_metrics
 from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
+from tunesmith.export.layouts import OneForward
 from tunesmith.serving.requests import QuestionsRequest
 
 ANSWERS_SHAPE = '{"text": ["<answer>"], "answer_start": [<character offset>]}'
@@ -305,7 +306,7 @@ class QuestionAnsweringState(TaskState):
 
 class QuestionAnsweringTask(Task):
     request_model = QuestionsRequest
-    onnx_outputs = ("start_logits", "end_logits")
+    onnx_layout = OneForward(("start_logits", "end_logits"))
     name = "question_answering"
     auto_model_class = "AutoModelForQuestionAnswering"
     peft_task_type = "QUESTION_ANS"

@@ -20,6 +20,7 @@ from tunesmith.data.loaders import Table
 from tunesmith.data.tokenize import cached_map
 from tunesmith import generation
 from tunesmith.errors import DataError, summarise
+from tunesmith.export.encoder_decoder import EncoderDecoder
 from tunesmith.metrics.generation import bleu_tokenizer, generation_metrics
 from tunesmith.tasks.base import CardSection, LossTotal, Losses, Task, TaskState
 from tunesmith.serving.requests import GenerationRequest
@@ -70,6 +71,7 @@ class Seq2SeqTask(Task):
     frozen_feature_cache = False  # the decoder reads the encoder at every step; `frozen` freezes the encoder
     example_outputs_name = "generated_predictions"
     generates = True
+    onnx_layout = EncoderDecoder()
 
     # ------------------------------------------------------------------ data
 

@@ -32,6 +32,7 @@ from tunesmith.data.tokenize import cached_map
 from tunesmith.errors import ConfigError, DataError, shown, summarise as _summarise
 from tunesmith.tasks.token_classification.metrics import TagAccumulator, entity_metrics
 from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
+from tunesmith.export.layouts import OneForward
 from tunesmith.serving.requests import TokensRequest
 
 IGNORE = -100
@@ -255,7 +256,7 @@ class TokenClassificationState(TaskState):
 
 class TokenClassificationTask(Task):
     request_model = TokensRequest
-    onnx_outputs = ("logits",)
+    onnx_layout = OneForward(("logits",))
     name = "token_classification"
     auto_model_class = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
