@@ -267,7 +267,7 @@ def main() -> None:
                    for name in ("onnx-fp32", "onnx-int8")}
         print("exports:", json.dumps(exports))
         arms = [("hand-written FastAPI + pipeline", lambda p: baseline_server(built["run"] / "model", p)),
-                ("tunesmith PyTorch fp32", lambda p: tunesmith_server(built["run"], p)),
+                ("tunesmith PyTorch fp32", lambda p: tunesmith_server(built["run"], p, "--dtype", "fp32")),
                 ("tunesmith PyTorch bf16", lambda p: tunesmith_server(built["run"], p, "--dtype", "bf16")),
                 ("tunesmith ONNX fp32", lambda p: tunesmith_server(built["onnx-fp32"], p, "--backend", "onnx")),
                 ("tunesmith ONNX int8", lambda p: tunesmith_server(built["onnx-int8"], p, "--backend", "onnx"))]
@@ -278,9 +278,11 @@ def main() -> None:
         chat_bodies = [{"model": "model", "messages": [{"role": "user", "content": f"Is this review positive or negative?"
                                                         f"\n\n{t}"}], "max_tokens": settings["chat_tokens"],
                         "temperature": 0} for t in texts[:64]]
-        port = free_port()
-        chat = measure("tunesmith chat (SmolLM2)", tunesmith_server(built["chat"], port), port, "/v1/chat/completions",
-                       chat_bodies, CHAT_CONCURRENCY, settings, "chat_seconds")
+        chat = []
+        for dtype in ("fp32", "bf16"):
+            port = free_port()
+            chat += measure(f"tunesmith chat (SmolLM2) {dtype}", tunesmith_server(built["chat"], port, "--dtype", dtype),
+                            port, "/v1/chat/completions", chat_bodies, CHAT_CONCURRENCY, settings, "chat_seconds")
     print("\nClassification, one review per request:\n")
     print(table(rows, [("server", "system", ""), ("clients", "clients", "d"), ("requests/s", "requests_per_second", ".1f"),
                        ("p50 ms", "p50_ms", ".1f"), ("p95 ms", "p95_ms", ".1f"), ("p99 ms", "p99_ms", ".1f"),

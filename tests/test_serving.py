@@ -233,6 +233,16 @@ def test_text_completions_continue_the_prompt_as_given(client, runs):
     assert streamed == got.choices[0].text
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy_and_refused_where_sampling_is_asked_for(client, server):
+    # schemathesis sent temperature 5e-324: logits / temperature were inf and sampling raised (a 500)
+    greedy = client.completions.create(model="chat", prompt="one red cat", max_tokens=6, temperature=0)
+    tiny = client.completions.create(model="chat", prompt="one red cat", max_tokens=6, temperature=5e-324)
+    assert tiny.choices[0].text == greedy.choices[0].text
+    refused = _post(server, "/v1/predict", {"model": "chat", "inputs": ["one red cat"], "do_sample": True,
+                                            "temperature": 1e-300})
+    assert refused.status_code == 422 and "temperature" in refused.text
+
+
 def test_seeded_sampling_repeats(client):
     a, b = (client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=10, temperature=1.0, seed=7)
             for _ in range(2))
@@ -280,6 +290,7 @@ def test_the_cli_serves_until_sigterm_and_refuses_a_missing_run(runs, tmp_path):
         proc.kill()
     log = proc.stdout.read()
     assert "http://127.0.0.1:" in log and "Application shutdown complete" in log
+    assert "--dtype auto: " in log  # the CLI's default, with the measurement it followed
 
 
 # --------------------------------------------------------------------------- schemathesis over the schema
@@ -332,6 +343,23 @@ def test_bf16_serving_gives_the_same_labels_and_onnx_refuses_it(runs):
     assert all(abs(a["score"] - b["score"]) < 0.02 for a, b in zip(got, want))
     with pytest.raises(ConfigError, match="bf16 with the torch backend"):
         load_runs([runs["sentiment"]], settings, backend="onnx", dtype="bf16")
+
+
+@pytest.mark.parametrize("measured", ["bf16", "fp32"])
+def test_dtype_auto_follows_the_cpus_measurement_and_says_so(runs, monkeypatch, measured):
+    import torch
+    from fastapi.testclient import TestClient
+
+    from tunesmith.speed import precision
+
+    monkeypatch.setattr(precision, "choose_precision", lambda requested, device, recheck=False:
+                        precision.PrecisionChoice(measured, f"measured {measured}"))
+    settings = ServeSettings()
+    served = load_runs([runs["sentiment"]], settings, dtype="auto")
+    assert served[0].dtype == measured
+    assert next(served[0].loaded.model.parameters()).dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[measured]
+    with TestClient(create_app(served, settings)) as client:
+        assert client.get("/v1/models").json()["data"][0]["dtype"] == measured
 
 
 def test_the_dockerfile_entrypoint_is_a_command_line_the_cli_accepts(tmp_path):

@@ -475,7 +475,9 @@ def serve(
     max_num_beams: Annotated[int, typer.Option(help="Widest beam search a request may ask for (422 above).")] = 8,
     timeout: Annotated[float, typer.Option(help="Seconds before a request is answered 504.")] = 120.0,
     backend: Annotated[str, typer.Option(help="torch (run directories) or onnx (folders `tunesmith export` wrote).")] = "torch",
-    dtype: Annotated[str, typer.Option(help="fp32, or bf16 (torch backend: faster where the CPU has native bf16).")] = "fp32",
+    dtype: Annotated[str, typer.Option(
+        help="auto (bf16 where this CPU measured it faster, as training's precision: auto; else fp32), fp32 (the "
+             "scores tunesmith predict gives), or bf16. Torch backend only.")] = "auto",
 ) -> None:
     """Serve trained runs over HTTP: /v1/predict for every family, OpenAI-compatible /v1/chat/completions and
     /v1/completions for causal LMs, /v1/models, /healthz, /readyz, /metrics, and the API docs at /docs."""

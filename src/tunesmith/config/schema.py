@@ -312,6 +312,9 @@ class TrainConfig(Section):
         return self
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 class GenerationSection(Section):
     """How generating families (sequence-to-sequence, causal LMs) generate at evaluation and prediction, named like
     `transformers.GenerationConfig`; saved as the model's `generation_config.json`, so plain `generate()`
@@ -330,7 +333,9 @@ class GenerationSection(Section):
     early_stopping: bool | None = Field(None, description="Beam search: stop once num_beams finished candidates exist.")
     repetition_penalty: float | None = Field(None, gt=0.0, description="Penalty on tokens already generated; 1: none.")
     do_sample: bool | None = Field(None, description="Sample instead of greedy or beam decoding.")
-    temperature: float | None = Field(None, gt=0.0, description="Sampling temperature.")
+    # Below 1e-5, logits / temperature overflow to inf and sampling fails (schemathesis sent 5e-324).
+    temperature: float | None = Field(None, ge=MIN_TEMPERATURE, description="Sampling temperature (at least 1e-5; "
+                                      "for greedy decoding set do_sample: false).")
     top_k: int | None = Field(None, ge=0, description="Sampling: keep the k most likely tokens; 0: all.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Sampling: keep the smallest set of tokens with this probability mass.")
     stop_strings: list[str] | None = Field(

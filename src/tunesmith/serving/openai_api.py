@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunesmith import generation
+from tunesmith.config.schema import MIN_TEMPERATURE
 from tunesmith.errors import TunesmithError
 from tunesmith.serving.app import RequestRefused, body_schema, check_limits, json_body, pick_run, validated, within_timeout
 from tunesmith.serving.guard import error_body
@@ -75,8 +76,9 @@ class _Sampling(BaseModel):
         if self.max_new_tokens is not None:
             out["max_new_tokens"] = self.max_new_tokens
         if self.temperature is not None:
-            out["do_sample"] = self.temperature > 0  # OpenAI's temperature 0: greedy
-            if self.temperature > 0:
+            # OpenAI's temperature 0 is greedy; so is anything too small to divide logits by (as vLLM treats it)
+            out["do_sample"] = self.temperature >= MIN_TEMPERATURE
+            if out["do_sample"]:
                 out["temperature"] = self.temperature
         if out.get("do_sample", self.temperature is None) and self.top_p is not None:
             out["do_sample"], out["top_p"] = True, self.top_p

@@ -20,6 +20,7 @@ class ServedRun:
     name: str
     loaded: object  # tunesmith.api.LoadedRun
     settings: ServeSettings
+    dtype: str = "fp32"  # what the weights compute in (fp32, bf16; an ONNX export: fp32 or its int8 weights)
     created: int = field(default_factory=lambda: int(time.time()))
     executor: ThreadPoolExecutor = field(init=False)
     batcher: MicroBatcher | None = field(init=False, default=None)
@@ -49,6 +50,7 @@ class ServedRun:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "tunesmith",
                 "task": self.task.name, "labels": list(getattr(self.loaded.state, "labels", None) or []) or None,
                 "base_model": cfg.model.name_or_path, "method": cfg.method.name, "run_dir": str(run_dir),
+                "dtype": self.dtype,
                 "metrics": {k: metrics[k] for k in ("validation", "test") if k in metrics},
                 "endpoints": ["/v1/predict", *(["/v1/chat/completions", "/v1/completions"] if self.task.completes else [])]}
 
@@ -60,11 +62,12 @@ def load_runs(run_dirs: list, settings: ServeSettings, names: list[str] | None =
               dtype: str = "fp32") -> list[ServedRun]:
     """Each run directory loaded (tunesmith.load: its errors name the folder), under its folder's name; with
     backend "onnx", each folder is a `tunesmith export --format onnx` folder run by onnxruntime. `dtype` bf16
-    casts PyTorch models to bfloat16 (faster on CPUs with native bf16, and half the memory)."""
+    casts PyTorch models to bfloat16 (faster on CPUs with native bf16, and half the memory); auto chooses as
+    training's `precision: auto` does (bf16 where this CPU's bf16 matmul measured faster; `serving_dtype`)."""
     if backend not in ("torch", "onnx"):
         raise ConfigError(f"--backend: expected torch or onnx, found {backend!r}")
-    if dtype not in ("fp32", "bf16") or (dtype == "bf16" and backend == "onnx"):
-        raise ConfigError(f"--dtype: expected fp32, or bf16 with the torch backend; found {dtype!r} with {backend}")
+    if dtype not in ("fp32", "bf16", "auto") or (dtype == "bf16" and backend == "onnx"):
+        raise ConfigError(f"--dtype: expected auto, fp32, or bf16 with the torch backend; found {dtype!r} with {backend}")
     if backend == "onnx":
         from tunesmith.export.onnx import load_export as load
     else:
@@ -77,10 +80,27 @@ def load_runs(run_dirs: list, settings: ServeSettings, names: list[str] | None =
     if repeated:
         raise ConfigError(f"two served runs are both named {', '.join(repeated)}; requests pick a model by name, so give "
                           "each one its own with --name (one per run directory, in order)")
-    served = [ServedRun(name, load(run_dir), settings) for name, run_dir in zip(names, run_dirs)]
+    if dtype == "auto":
+        dtype = serving_dtype() if backend == "torch" else "fp32"
+    served = [ServedRun(name, load(run_dir), settings, dtype) for name, run_dir in zip(names, run_dirs)]
     if dtype == "bf16":
         import torch
 
         for run in served:
             run.loaded.model.to(torch.bfloat16)
     return served
+
+
+def serving_dtype() -> str:
+    """bf16 where the CPU runs bf16 matmuls natively and measurably faster (the cached measurement training's
+    `precision: auto` uses), else fp32; logged with the reason."""
+    import logging
+
+    import torch
+
+    from tunesmith.speed.precision import choose_precision
+
+    choice = choose_precision("auto", torch.device("cpu"))
+    logging.getLogger("tunesmith").info("--dtype auto: %s (%s; --dtype fp32 serves the scores tunesmith predict gives)",
+                                        choice.precision, choice.reason)
+    return choice.precision if choice.precision in ("fp32", "bf16") else "fp32"
