@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from tunesmith.export.layouts import OnnxLayout
@@ -97,6 +97,19 @@ def _cache(flat: list[torch.Tensor], layers: int, cross: DynamicCache | None = N
     return EncoderDecoderCache(own, cross)
 
 
+def _holding(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache holding the session's tensors as they are. Building one from data goes through `update`,
+    which concatenates onto an empty tensor, copying the whole cache at every step: 28% of a batch-16 generation
+    on ONNX (bert2bert MiniLM, 48 new tokens)."""
+    cache = DynamicCache()
+    for keys, values in pairs:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
+
+
 class _Encoder(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -169,9 +182,12 @@ class EncoderDecoderSession(PreTrainedModel, GenerationMixin):
         sides = {"encoder_hidden_states": hidden.float().cpu().numpy(), "encoder_attention_mask": mask.cpu().numpy()}
         if cache is None or cache.get_seq_length() == 0:
             found = self.first.run(None, {"decoder_input_ids": decoder_input_ids.cpu().numpy(), **sides})
-            cache = _cache([torch.from_numpy(t) for t in found[1:]], self.layers)
+            tensors = [torch.from_numpy(t) for t in found[1:]]
+            cross = _holding([(tensors[4 * i + 2], tensors[4 * i + 3]) for i in range(self.layers)])
+            own = [(tensors[4 * i], tensors[4 * i + 1]) for i in range(self.layers)]
         else:
             past = dict(zip(names("past", self.layers), (t.cpu().numpy() for t in _flat(cache))))
             found = self.next.run(None, {"decoder_input_ids": decoder_input_ids[:, -1:].cpu().numpy(), **sides, **past})
-            cache = _cache([torch.from_numpy(t) for t in found[1:]], self.layers, cross=cache.cross_attention_cache)
-        return Seq2SeqLMOutput(logits=torch.from_numpy(found[0]), cache=cache)
+            tensors = [torch.from_numpy(t) for t in found[1:]]
+            cross, own = cache.cross_attention_cache, [(tensors[2 * i], tensors[2 * i + 1]) for i in range(self.layers)]
+        return Seq2SeqLMOutput(logits=torch.from_numpy(found[0]), cache=EncoderDecoderCache(_holding(own), cross))
