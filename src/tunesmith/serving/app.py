@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serving.guard import Guard, error_body
-from tunesmith.serving.requests import PredictRequest, request_schema_example
+from tunesmith.serving.requests import PredictRequest
 from tunesmith.serving.served import ServedRun
 from tunesmith.serving.settings import ServeSettings
 from tunesmith.serving.telemetry import Telemetry
@@ -215,7 +215,7 @@ def body_schema(models: list, definitions: dict, names: list[str]) -> dict:
             schema["properties"]["model"] = {"type": "string", "enum": names, "description": "The served run that answers."}
             if len(names) > 1:
                 schema["required"] = sorted({*schema.get("required", []), "model"})
-    examples = {m.__name__: {"value": request_schema_example(m)} for m in models if request_schema_example(m)}
+    examples = {m.__name__: {"value": m.example} for m in models if getattr(m, "example", None)}
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": schemas[0] if len(schemas) == 1 else {"anyOf": schemas}, **({"examples": examples} if examples else {})}}}}
 

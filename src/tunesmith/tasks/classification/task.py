@@ -28,7 +28,7 @@ from tunesmith.tasks.classification.metrics import (
 )
 from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
 from tunesmith.export.layouts import OneForward
-from tunesmith.serving.requests import PairRequest
+from tunesmith.tasks.classification.request import PairRequest
 
 IMBALANCE_RATIO = 10.0
 

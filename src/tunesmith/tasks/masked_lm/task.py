@@ -15,7 +15,7 @@ from torch import nn
 from tunesmith.data.inputs import InputColumns
 from tunesmith.errors import ConfigError, DataError, summarise
 from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
-from tunesmith.serving.requests import FillMaskRequest
+from tunesmith.tasks.masked_lm.request import FillMaskRequest
 from tunesmith.tasks.masked_lm import data
 from tunesmith.tasks.masked_lm.masking import MaskingCollator, MaskingRule
 from tunesmith.tasks.masked_lm.metrics import MaskedLMAccumulator, masked_correct, token_log_likelihoods

@@ -43,7 +43,7 @@ from tunesmith.errors import DataError, summarise
 from tunesmith.tasks.question_answering.metrics import SpanAccumulator, best_null_threshold, score, squad_metrics
 from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
 from tunesmith.export.layouts import OneForward
-from tunesmith.serving.requests import QuestionsRequest
+from tunesmith.tasks.question_answering.request import QuestionsRequest
 
 ANSWERS_SHAPE = '{"text": ["<answer>"], "answer_start": [<character offset>]}'
 log = logging.getLogger(__name__)

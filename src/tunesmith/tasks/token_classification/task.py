@@ -33,7 +33,7 @@ from tunesmith.errors import ConfigError, DataError, shown, summarise as _summar
 from tunesmith.tasks.token_classification.metrics import TagAccumulator, entity_metrics
 from tunesmith.tasks.base import CardSection, Losses, Task, TaskState
 from tunesmith.export.layouts import OneForward
-from tunesmith.serving.requests import TokensRequest
+from tunesmith.tasks.token_classification.request import TokensRequest
 
 IGNORE = -100
 TAG = re.compile(r"^([BIES])-(.+)$")
