@@ -87,14 +87,10 @@ def _flat(cache, only: str = "") -> list[torch.Tensor]:
     return found
 
 
-def _cache(flat: list[torch.Tensor], layers: int, cross: DynamicCache | None = None) -> EncoderDecoderCache:
-    """An EncoderDecoderCache from flat tensors: all four kinds per layer, or the self-attention pair per layer
-    beside an existing cross-attention cache."""
-    width = 2 if cross is not None else len(KINDS)
-    own = DynamicCache([(flat[width * i], flat[width * i + 1]) for i in range(layers)])
-    if cross is None:
-        cross = DynamicCache([(flat[width * i + 2], flat[width * i + 3]) for i in range(layers)])
-    return EncoderDecoderCache(own, cross)
+def _unflat(flat: list[torch.Tensor], layers: int) -> EncoderDecoderCache:
+    """The cache from flat tensors, four per layer in KINDS order (what decoder.onnx returns)."""
+    own = [(flat[4 * i], flat[4 * i + 1]) for i in range(layers)]
+    return EncoderDecoderCache(_holding(own), _holding([(flat[4 * i + 2], flat[4 * i + 3]) for i in range(layers)]))
 
 
 def _holding(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
@@ -137,7 +133,7 @@ class _NextStep(torch.nn.Module):
 
     def forward(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask, *past):
         result = self.model(encoder_outputs=(encoder_hidden_states,), attention_mask=encoder_attention_mask,
-                            decoder_input_ids=decoder_input_ids, cache=_cache(list(past), self.layers), use_cache=True)
+                            decoder_input_ids=decoder_input_ids, cache=_unflat(list(past), self.layers), use_cache=True)
         return (result.logits, *_flat(result.cache, only="self"))
 
 
@@ -182,12 +178,11 @@ class EncoderDecoderSession(PreTrainedModel, GenerationMixin):
         sides = {"encoder_hidden_states": hidden.float().cpu().numpy(), "encoder_attention_mask": mask.cpu().numpy()}
         if cache is None or cache.get_seq_length() == 0:
             found = self.first.run(None, {"decoder_input_ids": decoder_input_ids.cpu().numpy(), **sides})
-            tensors = [torch.from_numpy(t) for t in found[1:]]
-            cross = _holding([(tensors[4 * i + 2], tensors[4 * i + 3]) for i in range(self.layers)])
-            own = [(tensors[4 * i], tensors[4 * i + 1]) for i in range(self.layers)]
+            cache = _unflat([torch.from_numpy(t) for t in found[1:]], self.layers)
         else:
             past = dict(zip(names("past", self.layers), (t.cpu().numpy() for t in _flat(cache))))
             found = self.next.run(None, {"decoder_input_ids": decoder_input_ids[:, -1:].cpu().numpy(), **sides, **past})
-            tensors = [torch.from_numpy(t) for t in found[1:]]
-            cross, own = cache.cross_attention_cache, [(tensors[2 * i], tensors[2 * i + 1]) for i in range(self.layers)]
-        return Seq2SeqLMOutput(logits=torch.from_numpy(found[0]), cache=EncoderDecoderCache(_holding(own), cross))
+            grown = [torch.from_numpy(t) for t in found[1:]]
+            own = _holding([(grown[2 * i], grown[2 * i + 1]) for i in range(self.layers)])
+            cache = EncoderDecoderCache(own, cache.cross_attention_cache)
+        return Seq2SeqLMOutput(logits=torch.from_numpy(found[0]), cache=cache)
