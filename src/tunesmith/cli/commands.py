@@ -520,8 +520,8 @@ def serve(
 
 @app.command()
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (classification, token classification, QA).")],
-    out: Annotated[Path, typer.Argument(help="The folder to write: model.onnx, tokenizer, label map, export.json.")],
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (classification, token classification, QA, seq2seq).")],
+    out: Annotated[Path, typer.Argument(help="The folder to write: the .onnx files, tokenizer, label map, export.json.")],
     format: Annotated[str, typer.Option("--format", help="Export format.")] = "onnx",
     quantize: Annotated[Optional[str], typer.Option(help="int8: dynamic int8 weights (checked: >= 99% same predictions).")] = None,
     sample: Annotated[Optional[Path], typer.Option(help="Inputs to check the export on (default: the run's validation data).")] = None,

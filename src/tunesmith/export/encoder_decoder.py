@@ -38,10 +38,10 @@ class EncoderDecoder(OnnxLayout):
         encoder = _Encoder(model)
         trace(encoder, (ids, mask), folder / ENCODER, ["input_ids", "attention_mask"], ["last_hidden_state"],
               {"input_ids": {0: batch, 1: source}, "attention_mask": {0: batch, 1: source}})
-        hidden = encoder(ids, mask).detach()
         starts = torch.full((2, 3), _start_token(model), dtype=torch.long)
         first = _FirstStep(model)
-        with torch.no_grad():
+        with torch.no_grad():  # example inputs for the decoder graphs
+            hidden = encoder(ids, mask)
             cache = first(starts, hidden, mask)[1:]
         layers = len(cache) // len(KINDS)
         sides = {"encoder_hidden_states": {0: batch, 1: source}, "encoder_attention_mask": {0: batch, 1: source}}

@@ -103,4 +103,4 @@ def serving_dtype() -> str:
     choice = choose_precision("auto", torch.device("cpu"))
     logging.getLogger("tunesmith").info("--dtype auto: %s (%s; --dtype fp32 serves the scores tunesmith predict gives)",
                                         choice.precision, choice.reason)
-    return choice.precision if choice.precision in ("fp32", "bf16") else "fp32"
+    return choice.precision  # on a CPU: fp32 or bf16
